@@ -1,0 +1,15 @@
+"""jsoftmax: numerically stable softmax and softmax cross-entropy for JAX."""
+
+from jsoftmax._cross_entropy import (
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+from jsoftmax._softmax import log_softmax, logsumexp, softmax
+
+__all__ = [
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]

@@ -1,0 +1,594 @@
+"""Softmax cross-entropy with soft or integer labels and closed-form gradients.
+
+Both losses share one formula. With class weights ``w``, label smoothing ``e``
+over the ``K`` classes that take part (all of them unless a per-logit mask
+removes some) and the smoothed labels ``y' = (1 - e) y + e / K``, the loss of
+one example is
+
+    sum_c w_c y'_c (lse - z_c)  +  z_loss * lse**2,
+
+which is PyTorch's ``F.cross_entropy`` plus PaLM's z-loss, and its gradient
+with respect to the logits is the closed form
+
+    softmax(z) * (sum_c w_c y'_c + 2 z_loss lse)  -  w * y'.
+
+``lse - z_c`` is computed as ``log_s - (z_c - m)`` from the row statistics of
+``_stable``: both parts are exact, and every term is non-negative, so nothing
+cancels at large magnitudes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import checkify
+from jax.typing import ArrayLike
+
+from jsoftmax import _stable
+from jsoftmax._validation import (
+    Axis,
+    as_float_array,
+    as_int_array,
+    check_ignore_index,
+    check_label_smoothing,
+    check_reduction,
+    check_z_loss,
+    compute_dtype,
+    normalize_axes,
+    reduce_losses,
+    reduced_shape,
+    split_mask,
+)
+
+__all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static part of a call: hashable, so it can be a ``nondiff_argnum``."""
+
+    axes: tuple[int, ...]
+    label_smoothing: float
+    z_loss: float
+    ignore_index: int | None = None
+
+
+# --- pieces shared by both losses ----------------------------------------------
+
+
+def _num_classes(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    return math.prod(shape[a] for a in axes)
+
+
+def _flat_class_index(shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """Each logit's flat class index (row-major over ``axes`` in the given order).
+
+    The result has size 1 on the non-class axes, so it broadcasts against the logits.
+    """
+    index_shape = tuple(size if i in axes else 1 for i, size in enumerate(shape))
+    index = jnp.zeros(index_shape, jnp.int32)
+    stride = 1
+    for a in reversed(axes):
+        index = index + lax.broadcasted_iota(jnp.int32, index_shape, a) * stride
+        stride *= shape[a]
+    return index
+
+
+def _prepare_weights(
+    class_weights: ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> jax.Array | None:
+    """The flat ``[C]`` class weights, checked; treated as constants (no gradient)."""
+    if class_weights is None:
+        return None
+    weights = as_float_array("class_weights", class_weights)
+    num_classes = _num_classes(shape, axes)
+    if weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},), one weight per class of the "
+            f"logits {shape} along axis {axes}, got shape {weights.shape}"
+        )
+    return lax.stop_gradient(weights)
+
+
+def _per_class(weights: jax.Array | None, shape, axes, dtype) -> jax.Array | None:
+    """The class weights laid along the class axes of ``shape`` (broadcastable)."""
+    if weights is None:
+        return None
+    return weights.astype(dtype)[_flat_class_index(shape, axes)]
+
+
+def _num_taking_part(logit_mask, shape, axes, dtype) -> jax.Array | float:
+    """``K``, the classes smoothing spreads over: all, or the unmasked ones per row."""
+    if logit_mask is None:
+        return float(_num_classes(shape, axes))
+    # max(., 1): a fully masked row has nothing to spread over (and no gradient).
+    return jnp.maximum(jnp.sum(logit_mask, axis=axes, keepdims=True), 1).astype(dtype)
+
+
+def _weighted_sum(coefficient, values, axes) -> jax.Array:
+    """``sum(coefficient * values)`` where a 0 coefficient ignores an infinite value."""
+    products = jnp.where(coefficient == 0, jnp.zeros_like(values), coefficient * values)
+    return jnp.sum(products, axis=axes, keepdims=True)
+
+
+def _example_is_active(log_s, example_mask, ignored=None) -> jax.Array:
+    """Examples that contribute: unmasked, with some probability, not ignored."""
+    active = _stable.nonempty(log_s)
+    if example_mask is not None:
+        active = active & example_mask
+    if ignored is not None:
+        active = active & ~ignored
+    return active
+
+
+def _finish(loss, active, invalid, axes):
+    """Zeroes inactive examples, NaNs invalid ones, drops the class axes."""
+    loss = jnp.where(active, loss, jnp.zeros_like(loss))
+    if invalid is not None:
+        loss = jnp.where(invalid, jnp.full_like(loss, jnp.nan), loss)
+    return jnp.squeeze(loss, axis=axes)
+
+
+def _finite_logsumexp(m, log_s):
+    """The logsumexp, with empty rows' ``-inf`` replaced by 0 (their gradient is 0 anyway)."""
+    lse = _stable.logsumexp_from_stats(m, log_s)
+    return jnp.where(_stable.nonempty(log_s), lse, jnp.zeros_like(lse))
+
+
+def _label_shifted(label_logit, m):
+    """``z_y - m`` for the label's logit, which may exceed ``m`` if the label is masked."""
+    difference = label_logit - _stable.shift_of(m)
+    difference = jnp.where(difference == jnp.inf, jnp.zeros_like(difference), difference)
+    # In a row with a +inf logit every finite logit has log-probability -inf.
+    finite_under_inf = (m == jnp.inf) & (label_logit != jnp.inf)
+    return jnp.where(finite_under_inf, jnp.full_like(difference, -jnp.inf), difference)
+
+
+def _z_term(config, lse):
+    return config.z_loss * lse * lse if config.z_loss else 0.0
+
+
+def _mean_denominator(logit_mask, example_mask, shape, axes, ignored=None, weight=None):
+    """How many examples ``"mean"`` divides by, or their class weights' sum.
+
+    ``example_mask``, ``ignored`` and ``weight`` have the per-example shape.
+    """
+    counted = jnp.ones(reduced_shape(shape, axes), jnp.bool_)
+    if logit_mask is not None:
+        counted = counted & jnp.any(logit_mask, axis=axes)
+    if example_mask is not None:
+        counted = counted & jnp.squeeze(example_mask, axes)
+    if ignored is not None:
+        counted = counted & ~ignored
+    if weight is None:
+        return jnp.sum(counted)
+    return jnp.sum(jnp.where(counted, weight, jnp.zeros_like(weight)))
+
+
+# --- soft labels -----------------------------------------------------------------
+
+
+def _soft_coefficients(y, weights, logit_mask, config, shape, dtype):
+    """``w * y'`` on the classes taking part, 0 on masked ones."""
+    smoothing = config.label_smoothing
+    coefficient = (
+        y
+        if smoothing == 0
+        else (1 - smoothing) * y
+        + smoothing / _num_taking_part(logit_mask, shape, config.axes, dtype)
+    )
+    class_weight = _per_class(weights, shape, config.axes, dtype)
+    if class_weight is not None:
+        coefficient = class_weight * coefficient
+    if logit_mask is not None:
+        coefficient = jnp.where(logit_mask, coefficient, jnp.zeros_like(coefficient))
+    return coefficient
+
+
+def _soft_forward(logits, labels, logit_mask, example_mask, weights, config):
+    dtype = compute_dtype(logits.dtype, labels.dtype)
+    axes = config.axes
+    xm = _stable.masked(logits.astype(dtype), logit_mask)
+    m, log_s = _stable.row_stats(xm, axes)
+    coefficient = _soft_coefficients(
+        labels.astype(dtype), weights, logit_mask, config, logits.shape, dtype
+    )
+    total = jnp.sum(coefficient, axis=axes, keepdims=True)
+    loss = total * _stable.safe_log_s(log_s) - _weighted_sum(
+        coefficient, _stable.shifted(xm, m), axes
+    )
+    loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
+    active = _example_is_active(log_s, example_mask)
+    return _finish(loss, active, None, axes), (m, log_s)
+
+
+def _soft_value(logits, labels, logit_mask, example_mask, weights, config):
+    return _soft_forward(logits, labels, logit_mask, example_mask, weights, config)[0]
+
+
+_soft_cross_entropy = jax.custom_vjp(_soft_value, nondiff_argnums=(5,))
+
+
+def _soft_fwd(logits, labels, logit_mask, example_mask, weights, config):
+    loss, (m, log_s) = _soft_forward(logits, labels, logit_mask, example_mask, weights, config)
+    return loss, (logits, labels, logit_mask, example_mask, weights, m, log_s)
+
+
+def _soft_bwd(config, residuals, g):
+    logits, labels, logit_mask, example_mask, weights, m, log_s = residuals
+    axes = config.axes
+    dtype = m.dtype
+    g = jnp.expand_dims(g.astype(dtype), axes)
+    active = _example_is_active(log_s, example_mask)
+    g = jnp.where(active, g, jnp.zeros_like(g))
+    coefficient = _soft_coefficients(
+        labels.astype(dtype), weights, logit_mask, config, logits.shape, dtype
+    )
+    scale = jnp.sum(coefficient, axis=axes, keepdims=True)
+    if config.z_loss:
+        scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
+    probs = _stable.probabilities(logits.astype(dtype), logit_mask, m, log_s)
+    d_logits = g * (probs * scale - coefficient)
+
+    # d loss / d y_c = (1 - e) w_c (lse - z_c) on the classes taking part.
+    label_scale = g * (1 - config.label_smoothing)
+    class_weight = _per_class(weights, logits.shape, axes, dtype)
+    if class_weight is not None:
+        label_scale = label_scale * class_weight
+    log_probs = _stable.shifted_again(logits.astype(dtype), m) - _stable.safe_log_s(log_s)
+    minus_log_probs = -log_probs
+    d_labels = jnp.where(label_scale == 0, jnp.zeros_like(g), label_scale * minus_log_probs)
+    if logit_mask is not None:
+        d_labels = jnp.where(logit_mask, d_labels, jnp.zeros_like(d_labels))
+    if example_mask is not None:
+        d_logits, d_labels = _zero_rows(d_logits, active), _zero_rows(d_labels, active)
+    return (d_logits.astype(logits.dtype), d_labels.astype(labels.dtype), None, None, None)
+
+
+def _zero_rows(gradient, active):
+    """Exact zeros for masked or ignored examples, even where their logits are NaN."""
+    return jnp.where(active, gradient, jnp.zeros_like(gradient))
+
+
+_soft_cross_entropy.defvjp(_soft_fwd, _soft_bwd)
+
+
+def _soft_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
+    """Checks soft labels against the logits; broadcasts them to the logits' shape."""
+    array = jnp.asarray(labels)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        if array.shape == logits.shape and (
+            jnp.issubdtype(array.dtype, jnp.integer) or array.dtype == jnp.bool_
+        ):
+            return array.astype(logits.dtype)  # integer one-hot labels
+        raise TypeError(
+            f"labels must be a floating-point array of per-class targets shaped like the "
+            f"logits {logits.shape}, got dtype {array.dtype} and shape {array.shape}; "
+            "for class indices use softmax_cross_entropy_with_integer_labels"
+        )
+    if array.shape == logits.shape:
+        return array
+    try:
+        if jnp.broadcast_shapes(array.shape, logits.shape) != logits.shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"labels shape {array.shape} does not match the logits shape {logits.shape}"
+        ) from None
+    return jnp.broadcast_to(array, logits.shape)
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis | None = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax cross-entropy between logits and soft (or one-hot) labels.
+
+    .. math::
+        \ell = -\sum_c w_c\, y'_c \log \mathrm{softmax}(z)_c
+               + \lambda_z\, \mathrm{logsumexp}(z)^2,
+        \qquad y' = (1 - \varepsilon)\, y + \varepsilon / K
+
+    with class weights :math:`w` (1 by default), label smoothing
+    :math:`\varepsilon` over the :math:`K` classes that take part, and
+    :math:`\lambda_z` the z-loss coefficient. The gradient is the closed form
+    :math:`\mathrm{softmax}(z) \sum_c w_c y'_c - w \odot y'` (plus
+    :math:`2 \lambda_z\, \mathrm{logsumexp}(z)\, \mathrm{softmax}(z)`), which is
+    ``softmax - onehot`` for a one-hot label.
+
+    Args:
+      logits: Unnormalised log-probabilities, e.g. ``[batch, num_classes]``.
+      labels: Targets of the logits' shape (or broadcastable to it), typically
+        probabilities; they need not sum to 1.
+      axis: The class axis, or a tuple of class axes.
+      where: Optional boolean mask, per logit (the logits' shape) or per
+        example (the loss's shape). Masked logits take no probability and
+        their labels are ignored; masked examples give 0 loss and 0 gradient.
+      label_smoothing: ``e`` in ``[0, 1]``, as in PyTorch.
+      class_weights: Optional ``[C]`` weights, one per class (constants).
+      z_loss: Coefficient of the auxiliary ``logsumexp(logits)**2`` term.
+      reduction: ``"none"`` (per-example losses), ``"sum"`` or ``"mean"``
+        (over the unmasked examples; 0 when there are none). As in PyTorch,
+        the mean of soft-label losses divides by the number of examples even
+        with class weights.
+
+    Returns:
+      The per-example losses (the logits' shape without ``axis``), or their
+      sum or mean; float32 for 16-bit or float32 inputs, float64 for float64.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> jsoftmax.softmax_cross_entropy(logits, labels)
+      Array([0.2761297, 2.951799 ], dtype=float32)
+
+    Note:
+      No overflow or NaN for finite logits of any magnitude. A ``-inf`` logit
+      with label 0 gives a finite loss and gradient; with a positive label,
+      loss ``+inf`` and a finite gradient. A row that is all ``-inf`` or fully
+      masked gives loss 0 and gradient 0; a NaN logit makes its example NaN.
+      The backward saves only the inputs and each example's logsumexp (as its
+      max and log-sum) and is reverse mode only: ``jax.jvp`` raises.
+    """
+    logits = as_float_array("logits", logits)
+    labels = _soft_labels(labels, logits)
+    axes = normalize_axes(axis, logits.ndim)
+    logit_mask, example_mask = split_mask(where, logits.shape, axes)
+    weights = _prepare_weights(class_weights, logits.shape, axes)
+    config = _Config(axes, check_label_smoothing(label_smoothing), check_z_loss(z_loss))
+    check_reduction(reduction)
+    losses = _soft_cross_entropy(logits, labels, logit_mask, example_mask, weights, config)
+    denominator = None
+    if reduction == "mean":
+        denominator = _mean_denominator(logit_mask, example_mask, logits.shape, axes)
+    return reduce_losses(losses, reduction, denominator)
+
+
+# --- integer labels ---------------------------------------------------------------
+
+
+def _integer_parts(logits, labels, logit_mask, weights, config):
+    """The pieces both passes need: masked logits, label mask, smoothing terms."""
+    dtype = compute_dtype(logits.dtype)
+    axes = config.axes
+    shape = logits.shape
+    x = logits.astype(dtype)
+    xm = _stable.masked(x, logit_mask)
+    labels = jnp.expand_dims(labels, axes)
+    num_classes = _num_classes(shape, axes)
+    ignored = None if config.ignore_index is None else labels == config.ignore_index
+    in_range = (labels >= 0) & (labels < num_classes)
+    invalid = ~in_range if ignored is None else ~in_range & ~ignored
+    label_index = jnp.where(in_range, labels, 0).astype(jnp.int32)
+    label_weight = 1.0 if weights is None else weights.astype(dtype)[label_index]
+    return x, xm, label_index, label_weight, ignored, invalid
+
+
+def _label_logit(x, label_index, axes):
+    """The logit of each example's label (read as given, as optax does, even if masked)."""
+    if len(axes) == 1:
+        return jnp.take_along_axis(x, label_index, axis=axes[0])
+    is_label = _flat_class_index(x.shape, axes) == label_index
+    return jnp.sum(jnp.where(is_label, x, jnp.zeros_like(x)), axis=axes, keepdims=True)
+
+
+def _smoothing_parts(xm, m, logit_mask, weights, config):
+    """``e / K`` times the sums the uniform part of the labels needs, or None."""
+    smoothing = config.label_smoothing
+    if smoothing == 0:
+        return None
+    axes = config.axes
+    shape, dtype = xm.shape, xm.dtype
+    share = smoothing / _num_taking_part(logit_mask, shape, axes, dtype)
+    class_weight = _per_class(weights, shape, axes, dtype)
+    if class_weight is None:
+        class_weight = jnp.ones(tuple(1 for _ in shape), dtype)
+    if logit_mask is not None:
+        class_weight = jnp.where(logit_mask, class_weight, jnp.zeros_like(class_weight))
+    weight_total = jnp.sum(jnp.broadcast_to(class_weight, shape), axis=axes, keepdims=True)
+    return share, class_weight, weight_total
+
+
+def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
+    axes = config.axes
+    x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
+        logits, labels, logit_mask, weights, config
+    )
+    m, log_s = _stable.row_stats(xm, axes)
+    log_s_safe = _stable.safe_log_s(log_s)
+    label_coefficient = (1 - config.label_smoothing) * label_weight
+    label_term = log_s_safe - _label_shifted(_label_logit(x, label_index, axes), m)
+    loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * label_term)
+    smoothing = _smoothing_parts(xm, m, logit_mask, weights, config)
+    if smoothing is not None:
+        share, class_weight, weight_total = smoothing
+        spread = weight_total * log_s_safe - _weighted_sum(
+            class_weight, _stable.shifted(xm, m), axes
+        )
+        loss = loss + share * spread
+    loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
+    active = _example_is_active(log_s, example_mask, ignored)
+    return _finish(loss, active, invalid, axes), (m, log_s)
+
+
+def _integer_value(logits, labels, logit_mask, example_mask, weights, config):
+    return _integer_forward(logits, labels, logit_mask, example_mask, weights, config)[0]
+
+
+_integer_cross_entropy = jax.custom_vjp(_integer_value, nondiff_argnums=(5,))
+
+
+def _integer_fwd(logits, labels, logit_mask, example_mask, weights, config):
+    loss, (m, log_s) = _integer_forward(logits, labels, logit_mask, example_mask, weights, config)
+    return loss, (logits, labels, logit_mask, example_mask, weights, m, log_s)
+
+
+def _integer_bwd(config, residuals, g):
+    logits, labels, logit_mask, example_mask, weights, m, log_s = residuals
+    axes = config.axes
+    x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
+        logits, labels, logit_mask, weights, config
+    )
+    g = jnp.expand_dims(g.astype(x.dtype), axes)
+    active = _example_is_active(log_s, example_mask, ignored)
+    g = jnp.where(active, g, jnp.zeros_like(g))
+    g = jnp.where(invalid, jnp.full_like(g, jnp.nan), g)
+
+    label_coefficient = (1 - config.label_smoothing) * label_weight
+    scale = label_coefficient
+    smoothing = _smoothing_parts(xm, m, logit_mask, weights, config)
+    if smoothing is not None:
+        share, class_weight, weight_total = smoothing
+        scale = scale + share * weight_total
+    if config.z_loss:
+        scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
+    d_logits = g * _stable.probabilities(x, logit_mask, m, log_s) * scale
+    if smoothing is not None:
+        d_logits = d_logits - g * share * class_weight
+    d_logits = _subtract_at_labels(d_logits, g * label_coefficient, label_index, axes)
+    if example_mask is not None or ignored is not None:
+        d_logits = _zero_rows(d_logits, active | invalid)
+    float0_labels = jnp.zeros(labels.shape, jax.dtypes.float0)
+    return (d_logits.astype(logits.dtype), float0_labels, None, None, None)
+
+
+def _subtract_at_labels(d_logits, amount, label_index, axes):
+    """``d_logits - amount * onehot(labels)``: a scatter for one class axis, else a select."""
+    if len(axes) == 1:
+        at_label = jnp.take_along_axis(d_logits, label_index, axis=axes[0])
+        return jnp.put_along_axis(
+            d_logits, label_index, at_label - amount, axis=axes[0], inplace=False
+        )
+    is_label = _flat_class_index(d_logits.shape, axes) == label_index
+    return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))
+
+
+_integer_cross_entropy.defvjp(_integer_fwd, _integer_bwd)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax cross-entropy between logits and integer class labels.
+
+    .. math::
+        \ell = (1 - \varepsilon)\, w_y \left(\mathrm{lse}(z) - z_y\right)
+               + \frac{\varepsilon}{K} \sum_c w_c \left(\mathrm{lse}(z) - z_c\right)
+               + \lambda_z\, \mathrm{lse}(z)^2
+
+    the loss of PyTorch's ``F.cross_entropy`` with ``weight``,
+    ``ignore_index`` and ``label_smoothing``, plus PaLM's z-loss. The gradient
+    is the closed form ``softmax - onehot`` (generalised to the options: the
+    soft-label form with the smoothed, weighted one-hot label).
+
+    Args:
+      logits: Unnormalised log-probabilities, e.g. ``[batch, num_classes]``.
+      labels: Integer class indices of the logits' shape without ``axis``.
+        With a tuple of class axes a label is a flat, row-major index over
+        those axes in the order given (as in optax).
+      axis: The class axis, or a tuple of class axes.
+      where: Optional boolean mask, per logit (the logits' shape) or per
+        example (the labels' shape). Masked logits take no probability;
+        masked examples give 0 loss and 0 gradient.
+      label_smoothing: ``e`` in ``[0, 1]``, as in PyTorch.
+      class_weights: Optional ``[C]`` weights, one per class (constants).
+      ignore_index: A label value whose examples give 0 loss and gradient
+        and are left out of the mean.
+      z_loss: Coefficient of the auxiliary ``logsumexp(logits)**2`` term.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``; the mean divides by the
+        number of counted examples, or by the sum of their labels' class
+        weights when ``class_weights`` is given (PyTorch's definition), and
+        is 0 when nothing is counted.
+
+    Returns:
+      The per-example losses (the labels' shape), or their sum or mean;
+      float32 for 16-bit or float32 logits, float64 for float64.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]))
+      Array([0.2761297, 2.951799 ], dtype=float32)
+
+    Note:
+      A label outside ``[0, C)`` that is not ``ignore_index`` gives that
+      example a NaN loss (never another class) and fails a
+      ``checkify.debug_check``, which ``jax.experimental.checkify`` reports
+      and plain ``jit`` ignores. A per-logit mask restricts the classes that
+      take probability; the label's own logit is read as given, as in optax.
+      Rows that are all ``-inf`` or fully masked give 0; a NaN logit gives
+      NaN. Reverse mode only: ``jax.jvp`` raises.
+    """
+    logits = as_float_array("logits", logits)
+    labels = as_int_array("labels", labels)
+    axes = normalize_axes(axis, logits.ndim)
+    example_shape = reduced_shape(logits.shape, axes)
+    if labels.shape != example_shape:
+        raise ValueError(
+            f"labels shape {labels.shape} does not match the logits shape {logits.shape} "
+            f"without the class axis {axes}: expected {example_shape}"
+        )
+    logit_mask, example_mask = split_mask(where, logits.shape, axes)
+    weights = _prepare_weights(class_weights, logits.shape, axes)
+    config = _Config(
+        axes,
+        check_label_smoothing(label_smoothing),
+        check_z_loss(z_loss),
+        check_ignore_index(ignore_index),
+    )
+    check_reduction(reduction)
+    _check_labels_in_range(labels, _num_classes(logits.shape, axes), config.ignore_index)
+    losses = _integer_cross_entropy(logits, labels, logit_mask, example_mask, weights, config)
+    denominator = None
+    if reduction == "mean":
+        ignored = None if config.ignore_index is None else labels == config.ignore_index
+        label_weight = None
+        if weights is not None:
+            label_weight = weights[jnp.clip(labels, 0, weights.shape[0] - 1)]
+        denominator = _mean_denominator(
+            logit_mask,
+            example_mask,
+            logits.shape,
+            axes,
+            ignored,
+            label_weight,
+        )
+    return reduce_losses(losses, reduction, denominator)
+
+
+def _check_labels_in_range(labels, num_classes, ignore_index):
+    in_range = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        in_range = in_range | (labels == ignore_index)
+    first_bad = jnp.argmin(in_range) if labels.size else 0
+    checkify.debug_check(
+        jnp.all(in_range),
+        f"labels must be class indices in [0, {num_classes})"
+        + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        + "; found {} at flat position {}",
+        labels.reshape(-1)[first_bad] if labels.size else jnp.zeros((), labels.dtype),
+        jnp.asarray(first_bad),
+    )

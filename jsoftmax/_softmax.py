@@ -1,0 +1,227 @@
+"""softmax, log_softmax and logsumexp with closed-form ``custom_vjp`` gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jsoftmax import _stable
+from jsoftmax._validation import Axis, as_float_array, compute_dtype, normalize_axes, split_mask
+
+__all__ = ["log_softmax", "logsumexp", "softmax"]
+
+
+def _prepare(
+    x: ArrayLike, axis: Axis | None, where: ArrayLike | None
+) -> tuple[jax.Array, tuple[int, ...], jax.Array | None]:
+    """Checks the arguments; returns the array, the class axes and one broadcastable mask."""
+    array = as_float_array("x", x)
+    axes = normalize_axes(axis, array.ndim)
+    logit_mask, example_mask = split_mask(where, array.shape, axes)
+    return array, axes, logit_mask if logit_mask is not None else example_mask
+
+
+def _stats(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]):
+    xm = _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
+    return (xm, *_stable.row_stats(xm, axes))
+
+
+# --- softmax -------------------------------------------------------------------
+
+
+# The forward rules call the plain ``*_value`` functions, never the custom_vjp
+# function itself, so that forward mode over the reverse pass (jax.hessian) works.
+
+
+def _softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    xm, m, log_s = _stats(x, mask, axes)
+    return _stable.probabilities(xm.astype(m.dtype), mask, m, log_s).astype(x.dtype)
+
+
+_softmax = jax.custom_vjp(_softmax_value, nondiff_argnums=(2,))
+
+
+def _softmax_fwd(x, mask, axes):
+    probs = _softmax_value(x, mask, axes)
+    return probs, probs
+
+
+def _softmax_bwd(axes, probs, g):
+    a = probs.astype(compute_dtype(probs.dtype))
+    ga = g.astype(a.dtype) * a
+    dx = ga - a * jnp.sum(ga, axis=axes, keepdims=True)
+    return dx.astype(probs.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None) -> jax.Array:
+    r"""Softmax over ``axis``, stable for any input.
+
+    .. math::
+        \mathrm{softmax}(x)_i = \frac{\exp(x_i - m)}{\sum_j \exp(x_j - m)},
+        \qquad m = \max_j x_j
+
+    Shifting by the row maximum ``m`` changes nothing mathematically and keeps
+    every exponent at or below 0, so nothing overflows.
+
+    Args:
+      x: Logits, any floating dtype.
+      axis: The class axis, a tuple of axes, or None for all axes.
+      where: Optional boolean mask, either of ``x``'s shape (per logit; anything
+        that broadcasts to it also works) or of ``x``'s shape without ``axis``
+        (per row). Masked entries take no probability.
+
+    Returns:
+      An array of ``x``'s shape and dtype whose unmasked entries along ``axis``
+      sum to 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.softmax(jnp.array([1e30, -1e30, 0.0]))
+      Array([1., 0., 0.], dtype=float32)
+
+    Note:
+      A row that is empty, all ``-inf`` or fully masked gives 0 (never NaN).
+      ``+inf`` entries share the probability evenly, as the limit does. A NaN
+      in a row makes that row NaN. bfloat16 and float16 are computed in
+      float32 and returned in their own dtype. The gradient is the closed form
+      ``a * (g - sum(g * a))`` and saves only the output ``a``; being a
+      ``jax.custom_vjp``, it supports reverse mode only (``jax.jvp`` and
+      ``jax.jacfwd`` raise).
+    """
+    array, axes, mask = _prepare(x, axis, where)
+    return _softmax(array, mask, axes)
+
+
+# --- log_softmax ---------------------------------------------------------------
+
+
+def _log_softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    xm, m, log_s = _stats(x, mask, axes)
+    return (_stable.shifted(xm, m) - _stable.safe_log_s(log_s)).astype(x.dtype)
+
+
+_log_softmax = jax.custom_vjp(_log_softmax_value, nondiff_argnums=(2,))
+
+
+def _log_softmax_fwd(x, mask, axes):
+    out = _log_softmax_value(x, mask, axes)
+    return out, (out, mask)
+
+
+def _log_softmax_bwd(axes, residuals, g):
+    out, mask = residuals
+    o = out.astype(compute_dtype(out.dtype))
+    g = g.astype(o.dtype)
+    if mask is not None:
+        g = jnp.where(mask, g, jnp.zeros_like(g))
+    dx = g - jnp.exp(o) * jnp.sum(g, axis=axes, keepdims=True)
+    # A row with no probability (all -inf or masked) is constant: gradient 0.
+    row_is_empty = jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf) == -jnp.inf
+    dx = jnp.where(row_is_empty, jnp.zeros_like(dx), dx)
+    return dx.astype(out.dtype), None
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+
+
+def log_softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None) -> jax.Array:
+    r"""Log-softmax over ``axis``, stable for any input.
+
+    .. math::
+        \mathrm{log\_softmax}(x)_i = (x_i - m) - \log \sum_j \exp(x_j - m),
+        \qquad m = \max_j x_j
+
+    Args:
+      x: Logits, any floating dtype.
+      axis: The class axis, a tuple of axes, or None for all axes.
+      where: Optional boolean mask, per logit (``x``'s shape, or broadcastable
+        to it) or per row (``x``'s shape without ``axis``).
+
+    Returns:
+      An array of ``x``'s shape and dtype: log-probabilities along ``axis``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.log_softmax(jnp.array([0.0, 0.0, -jnp.inf]))
+      Array([-0.6931472, -0.6931472,       -inf], dtype=float32)
+
+    Note:
+      Masked entries and ``-inf`` logits give ``-inf``; a row that is empty,
+      all ``-inf`` or fully masked gives ``-inf`` everywhere and a zero
+      gradient. A NaN makes its row NaN. 16-bit floats are computed in float32
+      and returned in their own dtype. The gradient is the closed form
+      ``g - exp(o) * sum(g)`` from the output ``o`` (and the user's mask)
+      alone; reverse mode only (``jax.jvp`` raises).
+    """
+    array, axes, mask = _prepare(x, axis, where)
+    return _log_softmax(array, mask, axes)
+
+
+# --- logsumexp -----------------------------------------------------------------
+
+
+def _logsumexp_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    return _logsumexp_fwd(x, mask, axes)[0]
+
+
+_logsumexp = jax.custom_vjp(_logsumexp_value, nondiff_argnums=(2,))
+
+
+def _logsumexp_fwd(x, mask, axes):
+    _, m, log_s = _stats(x, mask, axes)
+    return _stable.logsumexp_from_stats(m, log_s).astype(x.dtype), (x, mask, m, log_s)
+
+
+def _logsumexp_bwd(axes, residuals, g):
+    x, mask, m, log_s = residuals
+    dx = g.astype(m.dtype) * _stable.probabilities(x.astype(m.dtype), mask, m, log_s)
+    return dx.astype(x.dtype), None
+
+
+_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+
+
+def logsumexp(
+    x: ArrayLike,
+    axis: Axis | None = -1,
+    where: ArrayLike | None = None,
+    keepdims: bool = False,
+) -> jax.Array:
+    r"""``log(sum(exp(x)))`` over ``axis``, stable for any input.
+
+    .. math::
+        \mathrm{logsumexp}(x) = m + \log \sum_j \exp(x_j - m),
+        \qquad m = \max_j x_j
+
+    Args:
+      x: Any floating array.
+      axis: The axis, a tuple of axes, or None for all axes.
+      where: Optional boolean mask, per element (``x``'s shape, or
+        broadcastable to it) or per row (the shape of the result).
+      keepdims: Keep the reduced axes with size 1.
+
+    Returns:
+      The logsumexp in ``x``'s dtype (computed in float32 for 16-bit inputs).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.logsumexp(jnp.array([1000.0, 1000.0]))
+      Array(1000.6931, dtype=float32)
+
+    Note:
+      An empty, all ``-inf`` or fully masked row gives ``-inf`` with a zero
+      gradient; a ``+inf`` entry gives ``+inf``; a NaN gives NaN. The gradient
+      is ``g * softmax(x)``, rebuilt from the input and the row's maximum and
+      log-sum, which are saved apart so it stays exact at large magnitudes;
+      reverse mode only (``jax.jvp`` raises).
+    """
+    array, axes, mask = _prepare(x, axis, where)
+    result = _logsumexp(array, mask, axes)
+    return result if keepdims else jnp.squeeze(result, axis=axes)

@@ -1,0 +1,174 @@
+"""Argument checks and small helpers shared by the public functions.
+
+Every check runs at trace time, on shapes, dtypes and Python values, so a bad
+argument fails before anything is computed and the message names it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+REDUCTIONS = ("none", "sum", "mean")
+
+Axis = int | Sequence[int]
+
+
+def as_float_array(name: str, value: ArrayLike) -> jax.Array:
+    """Returns ``value`` as a JAX array, raising TypeError unless it is floating."""
+    array = jnp.asarray(value)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array, got dtype {array.dtype}; "
+            f"cast it first, e.g. {name}.astype(jnp.float32)"
+        )
+    return array
+
+
+def as_int_array(name: str, value: ArrayLike) -> jax.Array:
+    """Returns ``value`` as a JAX array, raising TypeError unless it is integer."""
+    array = jnp.asarray(value)
+    if not jnp.issubdtype(array.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be an integer array of class indices, got dtype {array.dtype}; "
+            "for one-hot or probability labels use softmax_cross_entropy"
+        )
+    return array
+
+
+def compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
+    """The dtype to compute in: float32 for 16-bit floats, else the widest input."""
+    widest = jnp.dtype(jnp.float32)
+    for dtype in dtypes:
+        if jnp.dtype(dtype).itemsize > widest.itemsize:
+            widest = jnp.dtype(dtype)
+    return widest
+
+
+def normalize_axes(axis: Axis | None, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Canonical non-negative class axes, in the order given; None means all axes.
+
+    The order matters only where class axes are flattened (integer labels, class
+    weights): a flat class index is row-major over the axes in this order, as in
+    optax.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+        axes = (int(axis),)
+    elif isinstance(axis, Sequence) and all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis
+    ):
+        axes = tuple(int(a) for a in axis)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
+    if not axes:
+        raise ValueError(f"{name} must name at least one axis, got {axis!r}")
+    canonical = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}={axis!r} is out of range for an array of rank {ndim}")
+        canonical.append(a % ndim)
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(f"{name}={axis!r} repeats an axis")
+    return tuple(canonical)
+
+
+def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the class axes removed: the shape of one value per example."""
+    return tuple(size for i, size in enumerate(shape) if i not in axes)
+
+
+def kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the class axes set to 1, as ``keepdims=True`` leaves it."""
+    return tuple(1 if i in axes else size for i, size in enumerate(shape))
+
+
+def split_mask(
+    where: ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Sorts a ``where`` mask into a per-logit or a per-example mask.
+
+    A mask of the logits' shape is per logit; one of the shape of the result
+    (the class axes removed) is per example; any other shape that broadcasts to
+    the logits is per logit, broadcast. Returns ``(logit_mask, example_mask)``,
+    at most one of them not None; the example mask has the class axes kept as 1.
+    """
+    if where is None:
+        return None, None
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_:
+        if not jnp.issubdtype(mask.dtype, jnp.integer):
+            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
+        mask = mask != 0
+    example_shape = reduced_shape(shape, axes)
+    if mask.shape == shape:
+        return mask, None
+    if mask.shape == example_shape:
+        return None, mask.reshape(kept_shape(shape, axes))
+    try:
+        return jnp.broadcast_to(mask, shape), None
+    except ValueError:
+        raise ValueError(
+            f"where has shape {mask.shape}, which fits neither the logits {shape} "
+            f"(a per-logit mask) nor the per-example shape {example_shape}"
+        ) from None
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    value = _python_float("label_smoothing", label_smoothing)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    return value
+
+
+def check_z_loss(z_loss: float) -> float:
+    value = _python_float("z_loss", z_loss)
+    if not value >= 0.0 or math.isinf(value):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return value
+
+
+def check_ignore_index(ignore_index: int | None) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def _python_float(name: str, value: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        raise TypeError(f"{name} must be a Python number, got {value!r}") from None
+
+
+def reduce_losses(
+    losses: jax.Array, reduction: str, denominator: jax.Array | None = None
+) -> jax.Array:
+    """Applies ``reduction``; ``"mean"`` divides by ``denominator`` (0 when it is 0).
+
+    Without a denominator, ``"mean"`` divides by the number of losses.
+    """
+    if reduction == "none":
+        return losses
+    total = jnp.sum(losses)
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = jnp.asarray(losses.size, losses.dtype)
+    denominator = denominator.astype(losses.dtype)
+    safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+    return jnp.where(denominator == 0, jnp.zeros_like(total), total / safe)

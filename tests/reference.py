@@ -1,0 +1,107 @@
+"""Float64 NumPy references, written from the definitions, independent of jsoftmax.
+
+softmax, log_softmax and logsumexp come from SciPy; the cross-entropy follows
+PyTorch's documented ``F.cross_entropy`` (weight, ignore_index,
+label_smoothing, reduction) term by term.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+
+def to64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def move_classes_last(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Moves the class axes to the end, in the given order, and flattens them."""
+    axes = tuple(a % x.ndim for a in axes)
+    batch = tuple(i for i in range(x.ndim) if i not in axes)
+    moved = np.transpose(x, batch + axes)
+    return moved.reshape(moved.shape[: len(batch)] + (-1,))
+
+
+def softmax(x, axis=-1, mask=None):
+    x = to64(x)
+    if mask is None:
+        return special.softmax(x, axis=axis)
+    out = special.softmax(np.where(mask, x, -np.inf), axis=axis)
+    return np.where(mask, out, 0.0)
+
+
+def log_softmax(x, axis=-1, mask=None):
+    x = to64(x)
+    if mask is None:
+        return special.log_softmax(x, axis=axis)
+    return special.log_softmax(np.where(mask, x, -np.inf), axis=axis)
+
+
+def logsumexp(x, axis=-1, mask=None):
+    x = to64(x)
+    if mask is not None:
+        x = np.where(mask, x, -np.inf)
+    return special.logsumexp(x, axis=axis)
+
+
+def cross_entropy_soft(logits, labels, weight=None, label_smoothing=0.0, z_loss=0.0):
+    """Per-example loss for probability targets, logits ``[N, C]``."""
+    logits, labels = to64(logits), to64(labels)
+    num_classes = logits.shape[-1]
+    w = np.ones(num_classes) if weight is None else to64(weight)
+    target = labels * (1 - label_smoothing) + label_smoothing / num_classes
+    log_p = special.log_softmax(logits, axis=-1)
+    loss = -np.sum(w * target * log_p, axis=-1)
+    return loss + z_loss * special.logsumexp(logits, axis=-1) ** 2
+
+
+def cross_entropy_int(
+    logits, labels, weight=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0
+):
+    """Per-example loss and per-example weight (for PyTorch's mean), logits ``[N, C]``."""
+    logits = to64(logits)
+    labels = np.asarray(labels)
+    num_classes = logits.shape[-1]
+    w = np.ones(num_classes) if weight is None else to64(weight)
+    log_p = special.log_softmax(logits, axis=-1)
+    ignored = np.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
+    safe = np.where(ignored, 0, labels)
+    nll = -w[safe] * np.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
+    smooth = -np.sum(w * log_p, axis=-1)
+    loss = (1 - label_smoothing) * nll + label_smoothing / num_classes * smooth
+    loss = loss + z_loss * special.logsumexp(logits, axis=-1) ** 2
+    loss = np.where(ignored, 0.0, loss)
+    example_weight = np.where(ignored, 0.0, w[safe])
+    return loss, example_weight
+
+
+def reduce(loss, reduction, denominator=None):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    denominator = loss.size if denominator is None else denominator
+    return loss.sum() / denominator if denominator else 0.0
+
+
+def soft_grad(logits, labels, weight=None, label_smoothing=0.0, z_loss=0.0):
+    """Closed form d loss / d logits for probability targets (sum reduction)."""
+    logits, labels = to64(logits), to64(labels)
+    num_classes = logits.shape[-1]
+    w = np.ones(num_classes) if weight is None else to64(weight)
+    target = w * (labels * (1 - label_smoothing) + label_smoothing / num_classes)
+    p = special.softmax(logits, axis=-1)
+    lse = special.logsumexp(logits, axis=-1, keepdims=True)
+    return p * target.sum(-1, keepdims=True) - target + 2 * z_loss * lse * p
+
+
+def rel_err(actual, expected) -> float:
+    """max |a - e| / max |e|: a norm-wise relative error, robust to tiny entries."""
+    actual, expected = to64(actual), to64(expected)
+    scale = np.max(np.abs(expected)) if expected.size else 0.0
+    return (
+        float(np.max(np.abs(actual - expected)) / scale)
+        if scale
+        else float(np.max(np.abs(actual - expected), initial=0.0))
+    )

@@ -1,0 +1,607 @@
+"""Both cross-entropies against float64 PyTorch-semantics references, optax and closed forms."""
+
+import contextlib
+import io
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.ad_checkpoint import print_saved_residuals
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import jsoftmax
+from tests import reference as ref
+
+soft_ce = jsoftmax.softmax_cross_entropy
+int_ce = jsoftmax.softmax_cross_entropy_with_integer_labels
+
+OPTIONS = list(
+    itertools.product(
+        [False, True],  # class weights
+        [None, -100],  # ignore_index (integer labels only)
+        [0.0, 0.25],  # label smoothing
+        ["none", "sum", "mean"],
+    )
+)
+SOFT_OPTIONS = [(w, s, r) for w, i, s, r in OPTIONS if i is None]
+
+
+def random_problem(rng, n=11, c=7, scale=3.0):
+    logits = (rng.standard_normal((n, c)) * scale).astype(np.float32)
+    labels = rng.integers(0, c, n)
+    weights = rng.uniform(0.2, 2.0, c).astype(np.float32)
+    probs = rng.dirichlet(np.ones(c), n).astype(np.float32)
+    return logits, labels, weights, probs
+
+
+# --- PyTorch's F.cross_entropy definitions, in float64 ----------------------------
+
+
+@pytest.mark.parametrize("use_weights, ignore_index, smoothing, reduction", OPTIONS)
+def test_integer_labels_match_pytorch_definitions(
+    use_weights, ignore_index, smoothing, reduction, rng
+):
+    logits, labels, weights, _ = random_problem(rng)
+    if ignore_index is not None:
+        labels[[1, 4]] = ignore_index
+    weight = weights if use_weights else None
+    kwargs = dict(
+        class_weights=weight,
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+        reduction=reduction,
+    )
+    per_example, example_weight = ref.cross_entropy_int(
+        logits, labels, weight, ignore_index, smoothing
+    )
+    expected = ref.reduce(per_example, reduction, example_weight.sum())
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(int_ce(x, labels, **kwargs)))(
+        jnp.asarray(logits)
+    )
+    assert value.dtype == jnp.float32
+    assert ref.rel_err(int_ce(logits, labels, **kwargs), expected) < 1e-6
+    # The gradient of the reduced loss, by the closed form.
+    target = np.zeros_like(ref.to64(logits))
+    kept = labels != (ignore_index if ignore_index is not None else -(10**9))
+    target[np.arange(len(labels))[kept], labels[kept]] = 1.0
+    per_row = ref.soft_grad(logits, target, weight, smoothing) * kept[:, None]
+    if reduction == "mean":
+        per_row /= example_weight.sum()
+    assert ref.rel_err(grad, per_row) < 1e-5
+
+
+@pytest.mark.parametrize("use_weights, smoothing, reduction", SOFT_OPTIONS)
+def test_soft_labels_match_pytorch_definitions(use_weights, smoothing, reduction, rng):
+    logits, _, weights, probs = random_problem(rng)
+    weight = weights if use_weights else None
+    kwargs = dict(class_weights=weight, label_smoothing=smoothing, reduction=reduction)
+    expected = ref.reduce(ref.cross_entropy_soft(logits, probs, weight, smoothing), reduction)
+    assert ref.rel_err(soft_ce(logits, probs, **kwargs), expected) < 1e-6
+    grad_logits, grad_labels = jax.grad(
+        lambda x, y: jnp.sum(soft_ce(x, y, **kwargs)), argnums=(0, 1)
+    )(jnp.asarray(logits), jnp.asarray(probs))
+    divisor = len(logits) if reduction == "mean" else 1
+    expected_grad = ref.soft_grad(logits, probs, weight, smoothing) / divisor
+    assert ref.rel_err(grad_logits, expected_grad) < 1e-5
+    w = np.ones(logits.shape[-1]) if weight is None else ref.to64(weight)
+    expected_label_grad = -(1 - smoothing) * w * ref.log_softmax(logits) / divisor
+    assert ref.rel_err(grad_labels, expected_label_grad) < 1e-5
+
+
+@pytest.mark.parametrize("use_weights, ignore_index, smoothing, reduction", OPTIONS)
+def test_integer_labels_match_torch(use_weights, ignore_index, smoothing, reduction, rng):
+    torch = pytest.importorskip("torch")
+    logits, labels, weights, _ = random_problem(rng)
+    if ignore_index is not None:
+        labels[[1, 4]] = ignore_index
+    weight = weights if use_weights else None
+    torch_logits = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    torch_loss = torch.nn.functional.cross_entropy(
+        torch_logits,
+        torch.tensor(labels),
+        weight=None if weight is None else torch.tensor(weight, dtype=torch.float64),
+        ignore_index=-100 if ignore_index is None else ignore_index,
+        label_smoothing=smoothing,
+        reduction=reduction,
+    )
+    torch_loss.sum().backward()
+    kwargs = dict(
+        class_weights=weight,
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+        reduction=reduction,
+    )
+    ours = int_ce(logits, labels, **kwargs)
+    grad = jax.grad(lambda x: jnp.sum(int_ce(x, labels, **kwargs)))(jnp.asarray(logits))
+    assert ref.rel_err(ours, torch_loss.detach().numpy()) < 1e-6
+    assert ref.rel_err(grad, torch_logits.grad.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("use_weights, smoothing, reduction", SOFT_OPTIONS)
+def test_soft_labels_match_torch(use_weights, smoothing, reduction, rng):
+    torch = pytest.importorskip("torch")
+    logits, _, weights, probs = random_problem(rng)
+    weight = weights if use_weights else None
+    torch_logits = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    torch_probs = torch.tensor(probs, dtype=torch.float64, requires_grad=True)
+    torch_loss = torch.nn.functional.cross_entropy(
+        torch_logits,
+        torch_probs,
+        weight=None if weight is None else torch.tensor(weight, dtype=torch.float64),
+        label_smoothing=smoothing,
+        reduction=reduction,
+    )
+    torch_loss.sum().backward()
+    kwargs = dict(class_weights=weight, label_smoothing=smoothing, reduction=reduction)
+    grads = jax.grad(lambda x, y: jnp.sum(soft_ce(x, y, **kwargs)), argnums=(0, 1))(
+        jnp.asarray(logits), jnp.asarray(probs)
+    )
+    assert ref.rel_err(soft_ce(logits, probs, **kwargs), torch_loss.detach().numpy()) < 1e-6
+    assert ref.rel_err(grads[0], torch_logits.grad.numpy()) < 1e-5
+    assert ref.rel_err(grads[1], torch_probs.grad.numpy()) < 1e-5
+
+
+def test_mean_with_nothing_counted_is_zero_not_nan():
+    logits = jnp.ones((3, 4))
+    labels = jnp.array([-100, -100, -100])
+    loss, grad = jax.value_and_grad(
+        lambda x: int_ce(x, labels, ignore_index=-100, reduction="mean")
+    )(logits)
+    assert loss == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+    masked = soft_ce(logits, jnp.ones((3, 4)) / 4, where=jnp.zeros(3, bool), reduction="mean")
+    assert masked == 0.0
+
+
+def test_mean_uses_the_class_weights_of_counted_examples(rng):
+    logits, labels, weights, _ = random_problem(rng)
+    where = np.arange(len(labels)) % 3 != 0
+    ours = int_ce(logits, labels, where=where, class_weights=weights, reduction="mean")
+    per_example, example_weight = ref.cross_entropy_int(logits, labels, weights)
+    expected = np.sum(per_example[where]) / np.sum(example_weight[where])
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("z_loss", [1e-4, 0.1])
+@pytest.mark.parametrize("integer", [False, True])
+def test_z_loss_adds_squared_logsumexp_and_its_gradient(z_loss, integer, rng):
+    logits, labels, _, probs = random_problem(rng, scale=5.0)
+    target = np.eye(logits.shape[1])[labels] if integer else probs
+    expected = ref.cross_entropy_soft(logits, target, z_loss=z_loss)
+
+    def loss(x):
+        if integer:
+            return int_ce(x, labels, z_loss=z_loss, label_smoothing=0.1)
+        return soft_ce(x, probs, z_loss=z_loss, label_smoothing=0.1)
+
+    expected = ref.cross_entropy_soft(logits, target, label_smoothing=0.1, z_loss=z_loss)
+    assert ref.rel_err(loss(logits), expected) < 1e-6
+    grad = jax.grad(lambda x: jnp.sum(loss(x)))(jnp.asarray(logits))
+    expected_grad = ref.soft_grad(logits, target, label_smoothing=0.1, z_loss=z_loss)
+    assert ref.rel_err(grad, expected_grad) < 1e-5
+
+
+# --- shapes, axes, scales against float64 ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((5,), -1), ((4, 6), -1), ((4, 6), 0), ((2, 3, 5), 1), ((2, 3, 4, 5), (1, 3)),
+     ((2, 3, 4, 5), (3, 1)), ((2, 3, 4, 5), (-1, -2))],
+)  # fmt: skip
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2, 1e4])
+def test_both_losses_over_shapes_axes_and_scales(shape, axis, scale, rng):
+    logits = (rng.standard_normal(shape) * scale).astype(np.float32)
+    axes = (axis,) if isinstance(axis, int) else axis
+    flat = ref.move_classes_last(logits, axes)
+    c = flat.shape[-1]
+    labels = rng.integers(0, c, flat.shape[:-1])
+    onehot_flat = np.eye(c, dtype=np.float32)[labels]
+    batch_shape = flat.shape[:-1]
+    # Lay the flat one-hot back out in the logits' layout.
+    class_shape = tuple(shape[a % len(shape)] for a in axes)
+    batch_axes = [i for i in range(len(shape)) if i not in {a % len(shape) for a in axes}]
+    order = batch_axes + [a % len(shape) for a in axes]
+    onehot = np.transpose(
+        onehot_flat.reshape(batch_shape + class_shape), np.argsort(order)
+    ).astype(np.float32)
+    expected = ref.cross_entropy_soft(flat.reshape(-1, c), onehot_flat.reshape(-1, c))
+    expected = expected.reshape(batch_shape)
+    expected_grad_flat = ref.soft_grad(flat.reshape(-1, c), onehot_flat.reshape(-1, c))
+    expected_grad = np.transpose(
+        expected_grad_flat.reshape(batch_shape + class_shape), np.argsort(order)
+    )
+    for loss in (
+        lambda x: int_ce(x, labels, axis=axis),
+        lambda x: soft_ce(x, onehot, axis=axis),
+    ):
+        value, vjp = jax.vjp(loss, jnp.asarray(logits))
+        assert value.shape == batch_shape
+        assert ref.rel_err(value, expected) < 1e-5
+        (grad,) = vjp(jnp.ones_like(value))
+        assert ref.rel_err(grad, expected_grad) < 1e-5
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_check_grads_reverse_mode(integer, rng):
+    logits, labels, weights, probs = random_problem(rng, n=4, c=5)
+    with jax.enable_x64(True):
+        x = jnp.asarray(logits, jnp.float64)
+        if integer:
+            f = lambda x: int_ce(  # noqa: E731
+                x, labels, class_weights=weights, label_smoothing=0.2, z_loss=0.01
+            )
+            check_grads(f, (x,), order=2, modes=["rev"])
+        else:
+            f = lambda x, y: soft_ce(x, y, label_smoothing=0.2, z_loss=0.01)  # noqa: E731
+            check_grads(f, (x, jnp.asarray(probs, jnp.float64)), order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_gradient_matches_autodiff_of_a_plain_implementation(integer, rng):
+    logits, labels, weights, probs = random_problem(rng)
+    with jax.enable_x64(True):
+        x = jnp.asarray(logits, jnp.float64)
+        target = jnp.asarray(np.eye(7)[labels] if integer else probs, jnp.float64)
+        w = jnp.asarray(weights, jnp.float64)
+
+        def plain(x):
+            smoothed = target * 0.8 + 0.2 / 7
+            lse = jax.nn.logsumexp(x, axis=-1)
+            return jnp.sum(-(w * smoothed * jax.nn.log_softmax(x)).sum(-1) + 0.01 * lse**2)
+
+        def ours(x):
+            kwargs = dict(class_weights=w, label_smoothing=0.2, z_loss=0.01)
+            if integer:
+                return jnp.sum(int_ce(x, labels, **kwargs))
+            return jnp.sum(soft_ce(x, target, **kwargs))
+
+        np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-12, atol=1e-14)
+    logits, labels, weights, probs = random_problem(rng, n=2, c=7)
+    with jax.enable_x64(True):
+        x = jnp.asarray(logits, jnp.float64)
+        target = jnp.asarray(np.eye(7)[labels] if integer else probs, jnp.float64)
+        np.testing.assert_allclose(
+            jax.hessian(ours)(x), jax.hessian(plain)(x), rtol=1e-10, atol=1e-12
+        )
+
+
+# --- transformations -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_jit_vmap_and_per_example_gradients(integer, rng):
+    logits, labels, _, probs = random_problem(rng)
+    labels_or_probs = labels if integer else probs
+    f = int_ce if integer else soft_ce
+    eager = f(logits, labels_or_probs)
+    np.testing.assert_allclose(jax.jit(f)(logits, labels_or_probs), eager, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f)(logits, labels_or_probs), eager, rtol=1e-6)
+    per_example = jax.vmap(jax.grad(f))(jnp.asarray(logits), jnp.asarray(labels_or_probs))
+    expected = jax.grad(lambda x: jnp.sum(f(x, labels_or_probs)))(jnp.asarray(logits))
+    np.testing.assert_allclose(per_example, expected, rtol=1e-6, atol=1e-8)
+    # vmap over a batch of batches, nested with jit and grad.
+    batched = jnp.stack([jnp.asarray(logits), jnp.asarray(logits) * 2])
+    stacked_labels = jnp.stack([jnp.asarray(labels_or_probs)] * 2)
+    mean_grad = jax.jit(
+        jax.vmap(jax.grad(lambda x, y: f(x, y, reduction="mean")))
+    )(batched, stacked_labels)
+    expected = jax.grad(lambda x: f(x, labels_or_probs, reduction="mean"))(batched[1])
+    np.testing.assert_allclose(mean_grad[1], expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_forward_mode_raises(integer):
+    f = (lambda x: int_ce(x, jnp.array([0]))) if integer else (
+        lambda x: soft_ce(x, jnp.array([[1.0, 0.0]]))
+    )
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (jnp.ones((1, 2)),), (jnp.ones((1, 2)),))
+
+
+# --- residuals -------------------------------------------------------------------------
+
+
+def saved_residuals(f, *args) -> list[str]:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print_saved_residuals(f, *args)
+    return [line for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}])
+def test_backward_saves_no_new_logits_sized_array(options):
+    logits = jnp.ones((8, 16))
+    labels = jnp.zeros(8, jnp.int32)
+    probs = jnp.ones((8, 16)) / 16
+    integer_lines = saved_residuals(lambda x: int_ce(x, labels, reduction="mean", **options), logits)
+    soft_lines = saved_residuals(lambda x, y: soft_ce(x, y, **options), logits, probs)
+    for lines in (integer_lines, soft_lines):
+        big = [line for line in lines if line.startswith("f32[8,16]")]
+        assert all("from the argument" in line for line in big), lines
+    assert len([line for line in integer_lines if line.startswith("f32[8,16]")]) == 1
+
+
+# --- drop-in compatibility with optax ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [None, "per_example", "per_logit"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_same_values_and_gradients_as_optax(mask, axis, rng):
+    logits = jnp.asarray(rng.standard_normal((6, 9)) * 4, jnp.float32)
+    c = logits.shape[axis]
+    labels = jnp.asarray(rng.integers(0, c, logits.shape[1 - (axis % 2)]))
+    probs = jnp.asarray(np.moveaxis(rng.dirichlet(np.ones(c), labels.shape[0]), -1, axis))
+    probs = probs.astype(jnp.float32)
+    where = None
+    if mask == "per_example":
+        where = jnp.asarray(np.arange(labels.shape[0]) % 3 != 1)
+    elif mask == "per_logit":
+        keep = rng.random(logits.shape) < 0.7
+        keep[0] = False  # a fully masked row
+        where = jnp.asarray(keep)
+    for ours, theirs, y in (
+        (int_ce, optax.softmax_cross_entropy_with_integer_labels, labels),
+        (soft_ce, optax.softmax_cross_entropy, probs),
+    ):
+        expected = theirs(logits, y, axis=axis, where=where)
+        finite = np.isfinite(np.asarray(expected))
+        got = ours(logits, y, axis=axis, where=where)
+        np.testing.assert_allclose(
+            np.asarray(got)[finite], np.asarray(expected)[finite], rtol=2e-6, atol=1e-6
+        )
+
+        def summed(f, y=y):
+            return lambda x: jnp.sum(jnp.where(finite, f(x, y, axis=axis, where=where), 0.0))
+
+        np.testing.assert_allclose(
+            jax.grad(summed(ours))(logits), jax.grad(summed(theirs))(logits), rtol=1e-5, atol=1e-6
+        )
+
+
+# --- properties ---------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_loss_is_non_negative_for_probability_labels(data):
+    n, c = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 10))
+    logits = data.draw(hnp.arrays(np.float32, (n, c), elements=st.floats(-1e4, 1e4, width=32)))
+    raw = data.draw(hnp.arrays(np.float32, (n, c), elements=st.floats(0, 1, width=32)))
+    labels = raw / np.maximum(raw.sum(-1, keepdims=True), np.float32(1e-6))
+    loss = np.asarray(soft_ce(logits, labels))
+    assert np.all(np.isfinite(loss))
+    assert np.all(loss >= 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_integer_label_gradient_rows_sum_to_zero(data):
+    n, c = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 10))
+    logits = data.draw(hnp.arrays(np.float32, (n, c), elements=st.floats(-100, 100, width=32)))
+    labels = data.draw(hnp.arrays(np.int32, (n,), elements=st.integers(0, c - 1)))
+    smoothing = data.draw(st.sampled_from([0.0, 0.3]))
+    grad = jax.grad(lambda x: jnp.sum(int_ce(x, labels, label_smoothing=smoothing)))(logits)
+    np.testing.assert_allclose(np.asarray(grad, np.float64).sum(-1), 0.0, atol=1e-6)
+
+
+# --- edge cases (SPEC §3) -------------------------------------------------------------------
+
+
+def test_minus_inf_logit_with_zero_label_is_finite():
+    logits = jnp.array([[-jnp.inf, 0.0, 1.0]])
+    probs = jnp.array([[0.0, 0.5, 0.5]])
+    loss, grad = jax.value_and_grad(lambda x: soft_ce(x, probs).sum())(logits)
+    expected = ref.cross_entropy_soft([[0.0, 1.0]], [[0.5, 0.5]])[0]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert np.all(np.isfinite(grad)) and grad[0, 0] == 0.0
+    int_loss, int_grad = jax.value_and_grad(lambda x: int_ce(x, jnp.array([2])).sum())(logits)
+    assert np.isfinite(int_loss) and np.all(np.isfinite(int_grad))
+
+
+def test_minus_inf_logit_with_positive_label_is_inf_with_finite_gradient():
+    logits = jnp.array([[-jnp.inf, 0.0, 1.0]])
+    for f in (
+        lambda x: soft_ce(x, jnp.array([[0.2, 0.4, 0.4]])).sum(),
+        lambda x: int_ce(x, jnp.array([0])).sum(),
+        lambda x: int_ce(x, jnp.array([1]), label_smoothing=0.1).sum(),
+    ):
+        loss, grad = jax.value_and_grad(f)(logits)
+        assert loss == np.inf
+        assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("case", ["all_minus_inf", "fully_masked"])
+def test_empty_rows_give_zero_loss_and_zero_gradient(case):
+    logits = jnp.array([[-jnp.inf, -jnp.inf, -jnp.inf], [1.0, 2.0, 3.0]])
+    where = None
+    if case == "fully_masked":
+        logits = jnp.array([[jnp.nan, 1e30, 2.0], [1.0, 2.0, 3.0]])
+        where = jnp.array([[False, False, False], [True, True, True]])
+    labels = jnp.array([0, 2])
+    probs = jnp.array([[0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
+    for f in (
+        lambda x: int_ce(x, labels, where=where, label_smoothing=0.1, z_loss=1e-3),
+        lambda x: soft_ce(x, probs, where=where, label_smoothing=0.1, z_loss=1e-3),
+    ):
+        loss, vjp = jax.vjp(f, logits)
+        assert loss[0] == 0.0 and np.isfinite(loss[1])
+        (grad,) = vjp(jnp.ones(2))
+        np.testing.assert_array_equal(grad[0], 0.0)
+        assert np.all(np.isfinite(grad))
+
+
+def test_masked_examples_give_zero_loss_and_gradient_even_with_nan_logits():
+    logits = jnp.array([[jnp.nan, 1.0], [1.0, 2.0]])
+    where = jnp.array([False, True])
+    for f in (
+        lambda x: int_ce(x, jnp.array([0, 1]), where=where),
+        lambda x: soft_ce(x, jnp.array([[1.0, 0.0], [0.0, 1.0]]), where=where),
+    ):
+        loss, vjp = jax.vjp(f, logits)
+        assert loss[0] == 0.0
+        (grad,) = vjp(jnp.ones(2))
+        np.testing.assert_array_equal(grad[0], 0.0)
+
+
+def test_huge_logits_give_limiting_values():
+    logits = jnp.array([[1e30, -1e30, 0.0]])
+    loss, grad = jax.value_and_grad(lambda x: int_ce(x, jnp.array([0])).sum())(logits)
+    assert loss == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+    loss, grad = jax.value_and_grad(lambda x: int_ce(x, jnp.array([2])).sum())(logits)
+    assert loss == np.float32(1e30)
+    np.testing.assert_array_equal(grad, [[1.0, 0.0, -1.0]])
+    big = np.finfo(np.float32).max
+    loss = soft_ce(jnp.array([[big, -big]]), jnp.array([[0.5, 0.5]]))
+    assert np.isfinite(loss) or loss == np.inf  # -(0.5 * -2 * max) overflows to inf, no NaN
+    assert not np.isnan(loss)
+
+
+def test_plus_inf_logit_gives_limits_without_nan():
+    logits = jnp.array([[jnp.inf, 0.0, 1.0]])
+    loss, grad = jax.value_and_grad(lambda x: int_ce(x, jnp.array([0])).sum())(logits)
+    assert loss == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+    loss, grad = jax.value_and_grad(lambda x: int_ce(x, jnp.array([1])).sum())(logits)
+    assert loss == np.inf
+    np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0]])
+
+
+def test_nan_logit_makes_its_example_nan():
+    logits = jnp.array([[1.0, jnp.nan, 0.0], [1.0, 2.0, 3.0]])
+    for f in (
+        lambda x: int_ce(x, jnp.array([0, 1])),
+        lambda x: soft_ce(x, jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])),
+    ):
+        loss, vjp = jax.vjp(f, logits)
+        assert np.isnan(loss[0]) and np.isfinite(loss[1])
+        (grad,) = vjp(jnp.ones(2))
+        assert np.all(np.isnan(grad[0])) and np.all(np.isfinite(grad[1]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_logits_compute_in_float32(dtype, rng):
+    logits, labels, _, probs = random_problem(rng, scale=20.0)
+    x16 = jnp.asarray(logits, dtype)
+    exact_inputs = np.asarray(x16.astype(jnp.float32))
+    for f, target in (
+        (lambda x: int_ce(x, labels), np.eye(7)[labels]),
+        (lambda x: soft_ce(x, jnp.asarray(probs, dtype)), np.asarray(jnp.asarray(probs, dtype).astype(jnp.float32))),
+    ):
+        loss, vjp = jax.vjp(f, x16)
+        assert loss.dtype == jnp.float32
+        assert ref.rel_err(loss, ref.cross_entropy_soft(exact_inputs, target)) < 1e-5
+        (grad,) = vjp(jnp.ones_like(loss))
+        assert grad.dtype == dtype
+        expected = ref.soft_grad(exact_inputs, target)
+        assert ref.rel_err(np.asarray(grad.astype(jnp.float32)), expected) < float(
+            jnp.finfo(dtype).eps
+        )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_huge_logits_do_not_overflow(dtype):
+    big = float(jnp.finfo(dtype).max)
+    logits = jnp.array([[big, 0.0, -big]], dtype)
+    loss = int_ce(logits, jnp.array([1]))
+    np.testing.assert_allclose(loss, [big], rtol=1e-3)
+    assert int_ce(logits, jnp.array([0]))[0] == 0.0
+
+
+def test_float64_under_x64(rng):
+    logits, labels, weights, _ = random_problem(rng, scale=50.0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(ref.to64(logits))
+        loss = int_ce(x, labels, class_weights=jnp.asarray(ref.to64(weights)))
+        assert loss.dtype == jnp.float64
+        expected, _ = ref.cross_entropy_int(logits, labels, weights)
+        np.testing.assert_allclose(loss, expected, rtol=1e-12)
+
+
+def test_empty_batch_and_empty_class_axis():
+    assert int_ce(jnp.zeros((0, 4)), jnp.zeros(0, jnp.int32)).shape == (0,)
+    assert int_ce(jnp.zeros((0, 4)), jnp.zeros(0, jnp.int32), reduction="mean") == 0.0
+    np.testing.assert_array_equal(soft_ce(jnp.zeros((3, 0)), jnp.zeros((3, 0))), 0.0)
+
+
+# --- bad labels (SPEC §4) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_label", [-1, 7, 1000])
+def test_out_of_range_label_gives_nan_never_another_class(bad_label, rng):
+    logits, labels, _, _ = random_problem(rng)
+    labels[3] = bad_label
+    loss, grad = jax.value_and_grad(lambda x: jnp.sum(int_ce(x, labels)))(jnp.asarray(logits))
+    per_example = int_ce(logits, labels)
+    assert np.isnan(per_example[3])
+    assert np.all(np.isfinite(np.delete(np.asarray(per_example), 3)))
+    assert np.all(np.isnan(grad[3]))
+    assert np.isnan(int_ce(logits, labels, reduction="mean"))
+    # plain jit keeps working
+    assert np.isnan(jax.jit(int_ce)(logits, labels)[3])
+
+
+def test_checkify_reports_the_bad_label(rng):
+    logits, labels, _, _ = random_problem(rng)
+    labels[5] = 9
+    checked = checkify.checkify(jax.jit(int_ce), errors=checkify.all_checks)
+    error, _ = checked(logits, labels)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"labels must be class indices in \[0, 7\); found 9 at flat position 5"):
+        error.throw()
+    labels[5] = 2
+    error, _ = checked(logits, labels)
+    error.throw()  # nothing to report
+
+
+def test_ignore_index_is_not_reported_as_a_bad_label(rng):
+    logits, labels, _, _ = random_problem(rng)
+    labels[0] = -100
+    f = lambda x, y: int_ce(x, y, ignore_index=-100)  # noqa: E731
+    error, loss = checkify.checkify(f, errors=checkify.all_checks)(logits, labels)
+    error.throw()
+    assert loss[0] == 0.0
+
+
+# --- bad input (SPEC §4) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(4, jnp.int32)), ValueError,
+         r"labels shape \(4,\) does not match the logits shape \(3, 4\)"),
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(3)), TypeError,
+         r"labels must be an integer array of class indices, got dtype float32"),
+        (lambda: int_ce(jnp.ones((3, 4), jnp.int32), jnp.zeros(3, jnp.int32)), TypeError,
+         r"logits must be a floating-point array, got dtype int32"),
+        (lambda: soft_ce(jnp.ones((3, 4)), jnp.ones((3, 5))), ValueError,
+         r"labels shape \(3, 5\) does not match the logits shape \(3, 4\)"),
+        (lambda: soft_ce(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32)), TypeError,
+         r"labels must be a floating-point array of per-class targets"),
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32), where=jnp.ones(5, bool)),
+         ValueError, r"where has shape \(5,\), which fits neither the logits \(3, 4\)"),
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32), class_weights=jnp.ones(3)),
+         ValueError, r"class_weights must have shape \(4,\).*got shape \(3,\)"),
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32), reduction="avg"),
+         ValueError, r"reduction must be one of \('none', 'sum', 'mean'\), got 'avg'"),
+        (lambda: soft_ce(jnp.ones((3, 4)), jnp.ones((3, 4)), label_smoothing=1.5),
+         ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (lambda: soft_ce(jnp.ones((3, 4)), jnp.ones((3, 4)), z_loss=-1.0),
+         ValueError, r"z_loss must be a finite number >= 0, got -1.0"),
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32), ignore_index=1.5),
+         TypeError, r"ignore_index must be an int or None, got 1.5"),
+        (lambda: int_ce(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32), axis=2),
+         ValueError, r"axis=2 is out of range for an array of rank 2"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
