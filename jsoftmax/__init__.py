@@ -1,5 +1,6 @@
 """jsoftmax: numerically stable softmax and softmax cross-entropy for JAX."""
 
+from jsoftmax import classifier
 from jsoftmax._cross_entropy import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
@@ -7,6 +8,7 @@ from jsoftmax._cross_entropy import (
 from jsoftmax._softmax import log_softmax, logsumexp, softmax
 
 __all__ = [
+    "classifier",
     "log_softmax",
     "logsumexp",
     "softmax",
