@@ -169,6 +169,27 @@ def _mean_denominator(logit_mask, example_mask, shape, axes, ignored=None, weigh
     return jnp.sum(jnp.where(counted, weight, jnp.zeros_like(weight)))
 
 
+def _custom_vjp_loss(forward, backward):
+    """A ``custom_vjp`` loss of ``(logits, labels, logit_mask, example_mask, weights, config)``.
+
+    ``forward`` returns the per-example losses and the row statistics
+    ``(m, log_s)``; the residuals are the inputs and those statistics only.
+    The forward rule calls ``forward``, never the custom_vjp function itself,
+    so that forward mode over the backward pass (``jax.hessian``) works.
+    """
+
+    def value(*args):
+        return forward(*args)[0]
+
+    def forward_rule(*args):
+        loss, stats = forward(*args)
+        return loss, (*args[:-1], *stats)
+
+    loss_fn = jax.custom_vjp(value, nondiff_argnums=(5,))
+    loss_fn.defvjp(forward_rule, backward)
+    return loss_fn
+
+
 # --- soft labels -----------------------------------------------------------------
 
 
@@ -204,18 +225,6 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config):
     loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
     active = _example_is_active(log_s, example_mask)
     return _finish(loss, active, None, axes), (m, log_s)
-
-
-def _soft_value(logits, labels, logit_mask, example_mask, weights, config):
-    return _soft_forward(logits, labels, logit_mask, example_mask, weights, config)[0]
-
-
-_soft_cross_entropy = jax.custom_vjp(_soft_value, nondiff_argnums=(5,))
-
-
-def _soft_fwd(logits, labels, logit_mask, example_mask, weights, config):
-    loss, (m, log_s) = _soft_forward(logits, labels, logit_mask, example_mask, weights, config)
-    return loss, (logits, labels, logit_mask, example_mask, weights, m, log_s)
 
 
 def _soft_bwd(config, residuals, g):
@@ -254,7 +263,7 @@ def _zero_rows(gradient, active):
     return jnp.where(active, gradient, jnp.zeros_like(gradient))
 
 
-_soft_cross_entropy.defvjp(_soft_fwd, _soft_bwd)
+_soft_cross_entropy = _custom_vjp_loss(_soft_forward, _soft_bwd)
 
 
 def _soft_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
@@ -424,18 +433,6 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
     return _finish(loss, active, invalid, axes), (m, log_s)
 
 
-def _integer_value(logits, labels, logit_mask, example_mask, weights, config):
-    return _integer_forward(logits, labels, logit_mask, example_mask, weights, config)[0]
-
-
-_integer_cross_entropy = jax.custom_vjp(_integer_value, nondiff_argnums=(5,))
-
-
-def _integer_fwd(logits, labels, logit_mask, example_mask, weights, config):
-    loss, (m, log_s) = _integer_forward(logits, labels, logit_mask, example_mask, weights, config)
-    return loss, (logits, labels, logit_mask, example_mask, weights, m, log_s)
-
-
 def _integer_bwd(config, residuals, g):
     logits, labels, logit_mask, example_mask, weights, m, log_s = residuals
     axes = config.axes
@@ -476,7 +473,7 @@ def _subtract_at_labels(d_logits, amount, label_index, axes):
     return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))
 
 
-_integer_cross_entropy.defvjp(_integer_fwd, _integer_bwd)
+_integer_cross_entropy = _custom_vjp_loss(_integer_forward, _integer_bwd)
 
 
 def softmax_cross_entropy_with_integer_labels(
