@@ -209,9 +209,9 @@ def test_both_losses_over_shapes_axes_and_scales(shape, axis, scale, rng):
     class_shape = tuple(shape[a % len(shape)] for a in axes)
     batch_axes = [i for i in range(len(shape)) if i not in {a % len(shape) for a in axes}]
     order = batch_axes + [a % len(shape) for a in axes]
-    onehot = np.transpose(
-        onehot_flat.reshape(batch_shape + class_shape), np.argsort(order)
-    ).astype(np.float32)
+    onehot = np.transpose(onehot_flat.reshape(batch_shape + class_shape), np.argsort(order)).astype(
+        np.float32
+    )
     expected = ref.cross_entropy_soft(flat.reshape(-1, c), onehot_flat.reshape(-1, c))
     expected = expected.reshape(batch_shape)
     expected_grad_flat = ref.soft_grad(flat.reshape(-1, c), onehot_flat.reshape(-1, c))
@@ -290,17 +290,19 @@ def test_jit_vmap_and_per_example_gradients(integer, rng):
     # vmap over a batch of batches, nested with jit and grad.
     batched = jnp.stack([jnp.asarray(logits), jnp.asarray(logits) * 2])
     stacked_labels = jnp.stack([jnp.asarray(labels_or_probs)] * 2)
-    mean_grad = jax.jit(
-        jax.vmap(jax.grad(lambda x, y: f(x, y, reduction="mean")))
-    )(batched, stacked_labels)
+    mean_grad = jax.jit(jax.vmap(jax.grad(lambda x, y: f(x, y, reduction="mean"))))(
+        batched, stacked_labels
+    )
     expected = jax.grad(lambda x: f(x, labels_or_probs, reduction="mean"))(batched[1])
     np.testing.assert_allclose(mean_grad[1], expected, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("integer", [False, True])
 def test_forward_mode_raises(integer):
-    f = (lambda x: int_ce(x, jnp.array([0]))) if integer else (
-        lambda x: soft_ce(x, jnp.array([[1.0, 0.0]]))
+    f = (
+        (lambda x: int_ce(x, jnp.array([0])))
+        if integer
+        else (lambda x: soft_ce(x, jnp.array([[1.0, 0.0]])))
     )
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(f, (jnp.ones((1, 2)),), (jnp.ones((1, 2)),))
@@ -321,7 +323,9 @@ def test_backward_saves_no_new_logits_sized_array(options):
     logits = jnp.ones((8, 16))
     labels = jnp.zeros(8, jnp.int32)
     probs = jnp.ones((8, 16)) / 16
-    integer_lines = saved_residuals(lambda x: int_ce(x, labels, reduction="mean", **options), logits)
+    integer_lines = saved_residuals(
+        lambda x: int_ce(x, labels, reduction="mean", **options), logits
+    )
     soft_lines = saved_residuals(lambda x, y: soft_ce(x, y, **options), logits, probs)
     for lines in (integer_lines, soft_lines):
         big = [line for line in lines if line.startswith("f32[8,16]")]
@@ -358,7 +362,7 @@ def test_same_values_and_gradients_as_optax(mask, axis, rng):
             np.asarray(got)[finite], np.asarray(expected)[finite], rtol=2e-6, atol=1e-6
         )
 
-        def summed(f, y=y):
+        def summed(f, y=y, finite=finite):
             return lambda x: jnp.sum(jnp.where(finite, f(x, y, axis=axis, where=where), 0.0))
 
         np.testing.assert_allclose(
@@ -492,9 +496,10 @@ def test_16_bit_logits_compute_in_float32(dtype, rng):
     logits, labels, _, probs = random_problem(rng, scale=20.0)
     x16 = jnp.asarray(logits, dtype)
     exact_inputs = np.asarray(x16.astype(jnp.float32))
+    probs16 = jnp.asarray(probs, dtype)
     for f, target in (
         (lambda x: int_ce(x, labels), np.eye(7)[labels]),
-        (lambda x: soft_ce(x, jnp.asarray(probs, dtype)), np.asarray(jnp.asarray(probs, dtype).astype(jnp.float32))),
+        (lambda x: soft_ce(x, probs16), np.asarray(probs16.astype(jnp.float32))),
     ):
         loss, vjp = jax.vjp(f, x16)
         assert loss.dtype == jnp.float32
@@ -554,7 +559,8 @@ def test_checkify_reports_the_bad_label(rng):
     labels[5] = 9
     checked = checkify.checkify(jax.jit(int_ce), errors=checkify.all_checks)
     error, _ = checked(logits, labels)
-    with pytest.raises(checkify.JaxRuntimeError, match=r"labels must be class indices in \[0, 7\); found 9 at flat position 5"):
+    message = r"labels must be class indices in \[0, 7\); found 9 at flat position 5"
+    with pytest.raises(checkify.JaxRuntimeError, match=message):
         error.throw()
     labels[5] = 2
     error, _ = checked(logits, labels)

@@ -1,0 +1,35 @@
+"""A smoke test of the benchmark script at tiny sizes (no timing is checked)."""
+
+import pytest
+
+from jsoftmax import bench
+
+
+def test_quick_bench_writes_the_table_and_the_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    markdown = (out / "results.md").read_text(encoding="utf-8")
+    assert printed.out == markdown
+    assert "Device:" in markdown and "Host:" in markdown and "jax " in markdown
+    for name in (
+        "| softmax |",
+        "| log_softmax |",
+        "| softmax_cross_entropy |",
+        "| softmax_cross_entropy_with_integer_labels |",
+    ):
+        assert markdown.count(name) == len(bench.QUICK.classes), name
+    assert "fwd+bwd ratio" in markdown
+    fused_rows = [line for line in markdown.splitlines() if line.startswith("| 64 | 16 | 256 |")]
+    assert len(fused_rows) == 1
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "standalone functions" in printed.err  # progress goes to stderr
+
+
+def test_bad_arguments_exit_with_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--repeats", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--no-such-flag"])
