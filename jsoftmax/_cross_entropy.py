@@ -25,7 +25,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jsoftmax import _stable
@@ -35,6 +34,7 @@ from jsoftmax._validation import (
     as_int_array,
     check_ignore_index,
     check_label_smoothing,
+    check_labels_in_range,
     check_reduction,
     check_z_loss,
     compute_dtype,
@@ -562,7 +562,7 @@ def softmax_cross_entropy_with_integer_labels(
         check_ignore_index(ignore_index),
     )
     check_reduction(reduction)
-    _check_labels_in_range(labels, _num_classes(logits.shape, axes), config.ignore_index)
+    check_labels_in_range(labels, _num_classes(logits.shape, axes), config.ignore_index)
     losses = _integer_cross_entropy(logits, labels, logit_mask, example_mask, weights, config)
     denominator = None
     if reduction == "mean":
@@ -579,18 +579,3 @@ def softmax_cross_entropy_with_integer_labels(
             label_weight,
         )
     return reduce_losses(losses, reduction, denominator)
-
-
-def _check_labels_in_range(labels, num_classes, ignore_index):
-    in_range = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        in_range = in_range | (labels == ignore_index)
-    first_bad = jnp.argmin(in_range) if labels.size else 0
-    checkify.debug_check(
-        jnp.all(in_range),
-        f"labels must be class indices in [0, {num_classes})"
-        + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        + "; found {} at flat position {}",
-        labels.reshape(-1)[first_bad] if labels.size else jnp.zeros((), labels.dtype),
-        jnp.asarray(first_bad),
-    )

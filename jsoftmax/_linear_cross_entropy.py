@@ -53,7 +53,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from jsoftmax._validation import (
@@ -61,6 +60,7 @@ from jsoftmax._validation import (
     as_int_array,
     check_ignore_index,
     check_label_smoothing,
+    check_labels_in_range,
     check_reduction,
     check_z_loss,
     compute_dtype,
@@ -422,21 +422,6 @@ def _check_chunk_size(chunk_size: int | None) -> int | None:
     return int(chunk_size)
 
 
-def _check_labels(labels, invalid, num_classes: int, ignore_index: int | None) -> None:
-    """A ``checkify.debug_check`` naming the first label outside ``[0, C)``."""
-    flat = invalid.reshape(-1)
-    first = jnp.argmax(flat) if flat.size else jnp.zeros((), jnp.int32)
-    value = labels.reshape(-1)[first] if flat.size else jnp.zeros((), labels.dtype)
-    allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or {ignore_index}")
-    checkify.debug_check(
-        ~jnp.any(flat),
-        f"linear_softmax_cross_entropy: labels must be class indices in {allowed}; "
-        "found {} at flat position {}",
-        value,
-        first,
-    )
-
-
 def _example_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
@@ -573,7 +558,7 @@ def linear_softmax_cross_entropy(
     valid = ~ignored if mask is None else mask & ~ignored
     in_range = (labels >= 0) & (labels < num_classes)
     invalid = ~in_range & ~ignored
-    _check_labels(labels, invalid, num_classes, ignore_index)
+    check_labels_in_range(labels, num_classes, ignore_index, "linear_softmax_cross_entropy: ")
     y = jnp.where(in_range, labels, jnp.zeros((), labels.dtype)).astype(jnp.int32)
 
     if reduction == "mean":
