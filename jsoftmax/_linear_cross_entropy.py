@@ -56,6 +56,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jsoftmax._validation import (
+    as_bool_mask,
     as_float_array,
     as_int_array,
     check_ignore_index,
@@ -425,11 +426,7 @@ def _check_chunk_size(chunk_size: int | None) -> int | None:
 def _example_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
-    mask = jnp.asarray(where)
-    if mask.dtype != jnp.bool_:
-        if not jnp.issubdtype(mask.dtype, jnp.integer):
-            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
-        mask = mask != 0
+    mask = as_bool_mask(where)
     try:
         return jnp.broadcast_to(mask, shape)
     except ValueError:

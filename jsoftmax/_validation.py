@@ -90,6 +90,16 @@ def kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]
     return tuple(1 if i in axes else size for i, size in enumerate(shape))
 
 
+def as_bool_mask(where: ArrayLike) -> jax.Array:
+    """``where`` as a boolean array (integers are read as nonzero); TypeError otherwise."""
+    mask = jnp.asarray(where)
+    if mask.dtype == jnp.bool_:
+        return mask
+    if not jnp.issubdtype(mask.dtype, jnp.integer):
+        raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
+    return mask != 0
+
+
 def split_mask(
     where: ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
 ) -> tuple[jax.Array | None, jax.Array | None]:
@@ -102,11 +112,7 @@ def split_mask(
     """
     if where is None:
         return None, None
-    mask = jnp.asarray(where)
-    if mask.dtype != jnp.bool_:
-        if not jnp.issubdtype(mask.dtype, jnp.integer):
-            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
-        mask = mask != 0
+    mask = as_bool_mask(where)
     example_shape = reduced_shape(shape, axes)
     if mask.shape == shape:
         return mask, None
