@@ -35,8 +35,8 @@ def _stats(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]):
 
 
 def _softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    xm, m, log_s = _stats(x, mask, axes)
-    return _stable.probabilities(xm.astype(m.dtype), mask, m, log_s).astype(x.dtype)
+    xm = _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
+    return _stable.softmax_of(xm, axes).astype(x.dtype)
 
 
 _softmax = jax.custom_vjp(_softmax_value, nondiff_argnums=(2,))
@@ -101,8 +101,8 @@ def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None
 
 
 def _log_softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    xm, m, log_s = _stats(x, mask, axes)
-    return (_stable.shifted(xm, m) - _stable.safe_log_s(log_s)).astype(x.dtype)
+    xm = _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
+    return _stable.log_softmax_of(xm, axes).astype(x.dtype)
 
 
 _log_softmax = jax.custom_vjp(_log_softmax_value, nondiff_argnums=(2,))
