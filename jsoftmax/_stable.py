@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
