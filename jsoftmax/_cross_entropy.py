@@ -210,19 +210,46 @@ def _soft_coefficients(y, weights, logit_mask, config, shape, dtype):
     return coefficient
 
 
+def _soft_loss_exact(xm, coefficient, m, log_s, config):
+    total = jnp.sum(coefficient, axis=config.axes, keepdims=True)
+    loss = total * _stable.safe_log_s(log_s) - _weighted_sum(
+        coefficient, _stable.shifted(xm, m), config.axes
+    )
+    return loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
+
+
+def _plain_soft_loss_fast(axes, x, y):
+    """``-sum(y * log_softmax(x))`` as the single loop XLA fuses; NaN on edge rows."""
+    shifted_logits = x - _stable.row_max(x, axes)
+    log_s = jnp.log(jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True))
+    return -jnp.sum(y * (shifted_logits - log_s), axis=axes, keepdims=True)
+
+
+def _plain_soft_loss_exact(axes, x, y):
+    m, log_s = _stable.row_stats(x, axes)
+    loss = _soft_loss_exact(x, y, m, log_s, _Config(axes, 0.0, 0.0))
+    return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
+
+
 def _soft_forward(logits, labels, logit_mask, example_mask, weights, config):
     dtype = compute_dtype(logits.dtype, labels.dtype)
     axes = config.axes
     xm = _stable.masked(logits.astype(dtype), logit_mask)
     m, log_s = _stable.row_stats(xm, axes)
+    plain = logit_mask is None and weights is None and not config.label_smoothing
+    if plain and not config.z_loss:
+        # Only the loss is needed without a gradient; XLA then drops the
+        # statistics above, which the backward pass keeps.
+        loss = _stable.rows_with_fallback(
+            _plain_soft_loss_fast, _plain_soft_loss_exact, axes, xm, labels.astype(dtype)
+        )
+        if example_mask is not None:
+            loss = jnp.where(example_mask, loss, jnp.zeros_like(loss))
+        return jnp.squeeze(loss, axis=axes), (m, log_s)
     coefficient = _soft_coefficients(
         labels.astype(dtype), weights, logit_mask, config, logits.shape, dtype
     )
-    total = jnp.sum(coefficient, axis=axes, keepdims=True)
-    loss = total * _stable.safe_log_s(log_s) - _weighted_sum(
-        coefficient, _stable.shifted(xm, m), axes
-    )
-    loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
+    loss = _soft_loss_exact(xm, coefficient, m, log_s, config)
     active = _example_is_active(log_s, example_mask)
     return _finish(loss, active, None, axes), (m, log_s)
 

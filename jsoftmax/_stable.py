@@ -45,7 +45,7 @@ def _largest(dtype) -> float:
     return float(jnp.finfo(dtype).max)
 
 
-def _row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+def row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """The row maximum, at least the most negative finite value (keepdims).
 
     The floor is the reduction's start value, so it costs nothing in the hot
@@ -75,7 +75,7 @@ def _sum_exp(x: jax.Array, m: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 def _max_and_sum(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    m = _row_max(x, axes)
+    m = row_max(x, axes)
     return m, _sum_exp(x, m, axes)
 
 
@@ -142,14 +142,14 @@ def softmax_of(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     1) and 1 in an empty row, whose entries are all 0.
     """
     clamped = jnp.minimum(xm, _largest(xm.dtype))
-    exps = jnp.exp(clamped - _row_max(clamped, axes))
+    exps = jnp.exp(clamped - row_max(clamped, axes))
     return exps / jnp.maximum(jnp.sum(exps, axis=axes, keepdims=True), 1)
 
 
 def log_softmax_of(xm: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """log_softmax of masked logits in one pass, the edge rows as in ``softmax_of``."""
     clamped = jnp.minimum(xm, _largest(xm.dtype))
-    shifted_logits = clamped - _row_max(clamped, axes)
+    shifted_logits = clamped - row_max(clamped, axes)
     s = jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True)
     return shifted_logits - jnp.log(jnp.maximum(s, 1))
 
@@ -205,3 +205,48 @@ def masked_to_zero(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return values
     return jnp.where(mask, values, jnp.zeros_like(values))
+
+
+def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
+    """``fast(axes, *arrays)``, a per-row result, with its NaN rows redone by ``exact``.
+
+    For formulas XLA fuses into one loop only without guards: ``fast`` may
+    give NaN on the edge rows (empty, ``+inf``, ``0 * -inf``), and ``exact``,
+    which handles them, runs only when some row needs it. Like the statistics
+    above it stays one call under ``vmap`` (the arrays share one shape), and
+    its derivatives are those of ``exact``.
+    """
+
+    def pick(*arrays):
+        out = fast(axes, *arrays)
+
+        def redo(arrays, out):
+            return jnp.where(jnp.isnan(out), exact(axes, *arrays), out)
+
+        return lax.cond(jnp.any(jnp.isnan(out)), redo, lambda arrays, out: out, arrays, out)
+
+    @custom_vmap
+    def batched(*arrays):
+        return pick(*arrays)
+
+    @batched.def_vmap
+    def _rule(axis_size, in_batched, *arrays):
+        if not any(in_batched):
+            return pick(*arrays), False
+        arrays = [
+            a if is_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, is_batched in zip(arrays, in_batched, strict=True)
+        ]
+        shifted_axes = tuple(a + 1 for a in axes)
+        return rows_with_fallback(fast, exact, shifted_axes, *arrays), True
+
+    @jax.custom_jvp
+    def differentiable(*arrays):
+        return batched(*arrays)
+
+    @differentiable.defjvp
+    def _jvp(primals, tangents):
+        exact_tangent = jax.jvp(lambda *a: exact(axes, *a), primals, tangents)[1]
+        return differentiable(*primals), exact_tangent
+
+    return differentiable(*arrays)

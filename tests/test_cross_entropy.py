@@ -611,3 +611,62 @@ def test_ignore_index_is_not_reported_as_a_bad_label(rng):
 def test_bad_input_is_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def _edge_rows():
+    """Rows that take the exact fallback: empty, a +inf, 0 * -inf; and plain rows."""
+    inf = np.inf
+    logits = np.array(
+        [
+            [-inf, -inf, -inf, -inf],
+            [inf, 1.0, inf, -2.0],
+            [-inf, 0.5, 2.0, -1.0],
+            [0.3, -1.2, 2.5, 0.0],
+            [1e30, -1e30, 0.0, 5.0],
+        ],
+        np.float32,
+    )
+    labels = np.array(
+        [
+            [0.25, 0.25, 0.25, 0.25],
+            [0.5, 0.0, 0.5, 0.0],
+            [0.0, 0.3, 0.7, 0.0],
+            [0.1, 0.2, 0.3, 0.4],
+            [1.0, 0.0, 0.0, 0.0],
+        ],
+        np.float32,
+    )
+    # float64 limits: 0 for the empty row, log 2 for the +inf pair, the rest as usual.
+    finite = logits[2:].astype(np.float64)
+    lse = np.log(np.sum(np.exp(finite - finite.max(1, keepdims=True)), 1)) + finite.max(1)
+    log_probs = np.where(np.isneginf(finite), -inf, finite - lse[:, None])
+    products = labels[2:] * np.where(labels[2:] == 0, 0.0, log_probs)
+    rest = -np.sum(products, 1)
+    expected = np.concatenate([[0.0, np.log(2.0)], rest])
+    return logits, labels, expected
+
+
+def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap():
+    logits, labels, expected = _edge_rows()
+    eager = soft_ce(logits, labels)
+    jitted = jax.jit(soft_ce)(logits, labels)
+    per_row = jax.vmap(soft_ce)(logits, labels)
+    nested = jax.vmap(jax.vmap(soft_ce))(logits[None], labels[None])[0]
+    for result in (eager, jitted, per_row, nested):
+        np.testing.assert_allclose(result, expected, rtol=1e-6)
+        assert not np.any(np.isnan(result))
+
+
+def test_soft_labels_second_order_through_the_fast_path(rng):
+    logits = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    labels = jnp.asarray(rng.dirichlet(np.ones(5), 3), jnp.float32)
+
+    def ours(x):
+        return jnp.sum(soft_ce(x, labels))
+
+    check_grads(ours, (logits,), order=2, modes=["rev"], atol=2e-2, rtol=2e-2)
+    with jax.enable_x64(True):
+        x64, y64 = logits.astype(jnp.float64), labels.astype(jnp.float64)
+        hessian = jax.hessian(lambda x: jnp.sum(soft_ce(x, y64)))(x64)
+        expected = jax.hessian(lambda x: -jnp.sum(y64 * jax.nn.log_softmax(x)))(x64)
+        np.testing.assert_allclose(hessian, expected, rtol=1e-10, atol=1e-12)

@@ -449,3 +449,30 @@ def test_logsumexp_keepdims_and_tuple_axes(rng):
     out = jsoftmax.logsumexp(x, axis=(0, 2), keepdims=True)
     assert out.shape == (1, 3, 1)
     np.testing.assert_allclose(out[0, :, 0], ref.logsumexp(x, axis=(0, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
+def test_edge_rows_under_vmap_match_the_unbatched_call(name):
+    """Empty, single-entry and +inf rows take the rare exact branch; vmap keeps it rare."""
+    fn = getattr(jsoftmax, name)
+    inf = np.inf
+    rows = np.array(
+        [[-inf, -inf, -inf], [inf, 0.0, inf], [1.0, 2.0, 3.0], [3e38, -inf, 1.0]], np.float32
+    )
+    whole = fn(rows)
+    per_row = jax.vmap(fn)(rows)
+    np.testing.assert_array_equal(per_row, whole)
+    expected = {
+        "softmax": [
+            [0, 0, 0],
+            [0.5, 0, 0.5],
+            np.exp([-2, -1, 0]) / np.exp([-2, -1, 0]).sum(),
+            [1, 0, 0],
+        ],
+        "log_softmax": None,
+        "logsumexp": [-inf, inf, np.log(np.exp([1.0, 2.0, 3.0]).sum()), 3e38],
+    }[name]
+    if expected is not None:
+        np.testing.assert_allclose(whole, np.array(expected, np.float64), rtol=1e-6)
+    single = fn(np.array([[-inf], [2.0]], np.float32))
+    assert not np.any(np.isnan(single))
