@@ -22,9 +22,9 @@ def _prepare(
     return array, axes, logit_mask if logit_mask is not None else example_mask
 
 
-def _stats(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]):
-    xm = _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
-    return (xm, *_stable.row_stats(xm, axes))
+def _masked_for_compute(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``x`` in its compute dtype, masked entries ``-inf``."""
+    return _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
 
 
 # --- softmax -------------------------------------------------------------------
@@ -35,8 +35,7 @@ def _stats(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]):
 
 
 def _softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    xm = _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
-    return _stable.softmax_of(xm, axes).astype(x.dtype)
+    return _stable.softmax_of(_masked_for_compute(x, mask), axes).astype(x.dtype)
 
 
 _softmax = jax.custom_vjp(_softmax_value, nondiff_argnums=(2,))
@@ -101,8 +100,7 @@ def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None
 
 
 def _log_softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    xm = _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
-    return _stable.log_softmax_of(xm, axes).astype(x.dtype)
+    return _stable.log_softmax_of(_masked_for_compute(x, mask), axes).astype(x.dtype)
 
 
 _log_softmax = jax.custom_vjp(_log_softmax_value, nondiff_argnums=(2,))
@@ -174,7 +172,7 @@ _logsumexp = jax.custom_vjp(_logsumexp_value, nondiff_argnums=(2,))
 
 
 def _logsumexp_fwd(x, mask, axes):
-    _, m, log_s = _stats(x, mask, axes)
+    m, log_s = _stable.row_stats(_masked_for_compute(x, mask), axes)
     return _stable.logsumexp_from_stats(m, log_s).astype(x.dtype), (x, mask, m, log_s)
 
 

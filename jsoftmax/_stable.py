@@ -74,35 +74,42 @@ def _sum_exp(x: jax.Array, m: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return lax.cond(jnp.any(m == jnp.inf), count_infinite, lambda x, m, s: s, x, m, s)
 
 
-def _max_and_sum(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def _max_and_sum(axes: tuple[int, ...], x: jax.Array) -> tuple[jax.Array, jax.Array]:
     m = row_max(x, axes)
     return m, _sum_exp(x, m, axes)
 
 
-def _batched_max_and_sum(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``_max_and_sum`` that stays one call under ``vmap``.
+def _one_call_under_vmap(fn, axes: tuple[int, ...], *arrays: jax.Array):
+    """``fn(axes, *arrays)``, a row-wise function, kept one call under ``vmap``.
 
     A vmapped ``lax.cond`` with a batched predicate runs both branches; the
     rows are independent, so the batched call is the same function with the
-    batch axis as one more row axis, and its ``+inf`` branch stays rare.
+    batch axis as one more row axis (unbatched arrays broadcast to it), and
+    its rare branch stays rare. The arrays share one shape.
     """
 
     @custom_vmap
-    def max_and_sum(x):
-        return _max_and_sum(x, axes)
+    def call(*arrays):
+        return fn(axes, *arrays)
 
-    @max_and_sum.def_vmap
-    def _rule(axis_size, in_batched, x):
-        if not in_batched[0]:
-            return _max_and_sum(x, axes), (False, False)
-        return _batched_max_and_sum(x, tuple(a + 1 for a in axes)), (True, True)
+    @call.def_vmap
+    def _rule(axis_size, in_batched, *arrays):
+        if not any(in_batched):
+            out = fn(axes, *arrays)
+            return out, jax.tree.map(lambda _: False, out)
+        arrays = [
+            a if is_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, is_batched in zip(arrays, in_batched, strict=True)
+        ]
+        out = _one_call_under_vmap(fn, tuple(a + 1 for a in axes), *arrays)
+        return out, jax.tree.map(lambda _: True, out)
 
-    return max_and_sum(x)
+    return call(*arrays)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _differentiable_max_and_sum(x: jax.Array, axes: tuple[int, ...]):
-    return _batched_max_and_sum(x, axes)
+    return _one_call_under_vmap(_max_and_sum, axes, x)
 
 
 @_differentiable_max_and_sum.defjvp
@@ -213,11 +220,11 @@ def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -
     For formulas XLA fuses into one loop only without guards: ``fast`` may
     give NaN on the edge rows (empty, ``+inf``, ``0 * -inf``), and ``exact``,
     which handles them, runs only when some row needs it. Like the statistics
-    above it stays one call under ``vmap`` (the arrays share one shape), and
-    its derivatives are those of ``exact``.
+    above it stays one call under ``vmap``, and its derivatives are those of
+    ``exact``.
     """
 
-    def pick(*arrays):
+    def pick(axes, *arrays):
         out = fast(axes, *arrays)
 
         def redo(arrays, out):
@@ -225,24 +232,9 @@ def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -
 
         return lax.cond(jnp.any(jnp.isnan(out)), redo, lambda arrays, out: out, arrays, out)
 
-    @custom_vmap
-    def batched(*arrays):
-        return pick(*arrays)
-
-    @batched.def_vmap
-    def _rule(axis_size, in_batched, *arrays):
-        if not any(in_batched):
-            return pick(*arrays), False
-        arrays = [
-            a if is_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, is_batched in zip(arrays, in_batched, strict=True)
-        ]
-        shifted_axes = tuple(a + 1 for a in axes)
-        return rows_with_fallback(fast, exact, shifted_axes, *arrays), True
-
     @jax.custom_jvp
     def differentiable(*arrays):
-        return batched(*arrays)
+        return _one_call_under_vmap(pick, axes, *arrays)
 
     @differentiable.defjvp
     def _jvp(primals, tangents):
