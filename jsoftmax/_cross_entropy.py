@@ -226,7 +226,7 @@ def _plain_soft_loss_fast(axes, x, y):
 
 
 def _plain_soft_loss_exact(axes, x, y):
-    m, log_s = _stable.row_stats(x, axes)
+    m, log_s = _stable.row_stats(x, None, axes, x.dtype)
     loss = _soft_loss_exact(x, y, m, log_s, _Config(axes, 0.0, 0.0))
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
@@ -235,7 +235,7 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config):
     dtype = compute_dtype(logits.dtype, labels.dtype)
     axes = config.axes
     xm = _stable.masked(logits.astype(dtype), logit_mask)
-    m, log_s = _stable.row_stats(xm, axes)
+    m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
     plain = logit_mask is None and weights is None and not config.label_smoothing
     if plain and not config.z_loss:
         # Only the loss is needed without a gradient; XLA then drops the
@@ -267,8 +267,8 @@ def _soft_bwd(config, residuals, g):
     scale = jnp.sum(coefficient, axis=axes, keepdims=True)
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
-    probs = _stable.probabilities(logits.astype(dtype), logit_mask, m, log_s)
-    d_logits = g * (probs * scale - coefficient)
+    x = logits.astype(dtype)
+    d_logits = _stable.scaled_probabilities(x, logit_mask, m, log_s, g * scale) - g * coefficient
 
     # d loss / d y_c = (1 - e) w_c (lse - z_c) on the classes taking part.
     label_scale = g * (1 - config.label_smoothing)
@@ -443,7 +443,7 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
     x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
         logits, labels, logit_mask, weights, config
     )
-    m, log_s = _stable.row_stats(xm, axes)
+    m, log_s = _stable.row_stats(logits, logit_mask, axes, x.dtype)
     log_s_safe = _stable.safe_log_s(log_s)
     label_coefficient = (1 - config.label_smoothing) * label_weight
     label_term = log_s_safe - _label_shifted(_label_logit(x, label_index, axes), m)
@@ -479,7 +479,7 @@ def _integer_bwd(config, residuals, g):
         scale = scale + share * weight_total
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
-    d_logits = g * _stable.probabilities(x, logit_mask, m, log_s) * scale
+    d_logits = _stable.scaled_probabilities(x, logit_mask, m, log_s, g * scale)
     if smoothing is not None:
         d_logits = d_logits - g * share * class_weight
     d_logits = _subtract_at_labels(d_logits, g * label_coefficient, label_index, axes)

@@ -22,11 +22,6 @@ def _prepare(
     return array, axes, logit_mask if logit_mask is not None else example_mask
 
 
-def _masked_for_compute(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``x`` in its compute dtype, masked entries ``-inf``."""
-    return _stable.masked(x.astype(compute_dtype(x.dtype)), mask)
-
-
 # --- softmax -------------------------------------------------------------------
 
 
@@ -35,7 +30,7 @@ def _masked_for_compute(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def _softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    return _stable.softmax_of(_masked_for_compute(x, mask), axes).astype(x.dtype)
+    return _stable.softmax_of(x, mask, axes, compute_dtype(x.dtype)).astype(x.dtype)
 
 
 _softmax = jax.custom_vjp(_softmax_value, nondiff_argnums=(2,))
@@ -100,7 +95,7 @@ def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None
 
 
 def _log_softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    return _stable.log_softmax_of(_masked_for_compute(x, mask), axes).astype(x.dtype)
+    return _stable.log_softmax_of(x, mask, axes, compute_dtype(x.dtype)).astype(x.dtype)
 
 
 _log_softmax = jax.custom_vjp(_log_softmax_value, nondiff_argnums=(2,))
@@ -172,13 +167,13 @@ _logsumexp = jax.custom_vjp(_logsumexp_value, nondiff_argnums=(2,))
 
 
 def _logsumexp_fwd(x, mask, axes):
-    m, log_s = _stable.row_stats(_masked_for_compute(x, mask), axes)
+    m, log_s = _stable.row_stats(x, mask, axes, compute_dtype(x.dtype))
     return _stable.logsumexp_from_stats(m, log_s).astype(x.dtype), (x, mask, m, log_s)
 
 
 def _logsumexp_bwd(axes, residuals, g):
     x, mask, m, log_s = residuals
-    dx = g.astype(m.dtype) * _stable.probabilities(x.astype(m.dtype), mask, m, log_s)
+    dx = _stable.scaled_probabilities(x.astype(m.dtype), mask, m, log_s, g.astype(m.dtype))
     return dx.astype(x.dtype), None
 
 

@@ -1,0 +1,230 @@
+"""Long rows, whose statistics are taken block by block, against float64 references.
+
+Rows longer than 128 KiB (32768 float32 entries) are reduced in blocks of at
+most 32 KiB and the blocks' maxima and sums combined; these tests run every
+public function on such rows, with the edge cases placed across blocks.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jsoftmax
+from jsoftmax import _stable
+from tests import reference as ref
+
+LONG = 65536  # 256 KiB of float32: eight blocks of 8192
+BLOCK = 8192
+FUNCTIONS = ["softmax", "log_softmax", "logsumexp"]
+
+
+def long_rows(rng, rows=3, length=LONG, scale=5.0):
+    """Rows with their maximum in different blocks, one far from 0, one with an empty block."""
+    x = (rng.standard_normal((rows, length)) * scale).astype(np.float32)
+    x[0, length - 3] = 40.0
+    x[1] += 1e4
+    x[1, 5] = 1e4 + 40.0
+    x[2, BLOCK : 2 * BLOCK] = -np.inf
+    return x
+
+
+def reference(name, x, mask=None):
+    return getattr(ref, name)(x, axis=-1, mask=mask)
+
+
+def reference_vjp(name, x, g, mask=None):
+    p = ref.softmax(x, axis=-1, mask=mask)
+    g = ref.to64(g)
+    if name == "softmax":
+        return p * (g - np.sum(g * p, axis=-1, keepdims=True))
+    if name == "log_softmax":
+        g = g if mask is None else np.where(mask, g, 0.0)
+        return g - p * np.sum(g, axis=-1, keepdims=True)
+    return g[:, None] * p
+
+
+def assert_close(actual, expected, tolerance=1e-5):
+    actual, expected = ref.to64(actual), ref.to64(expected)
+    np.testing.assert_array_equal(np.isfinite(actual), np.isfinite(expected))
+    finite = np.isfinite(expected)
+    assert ref.rel_err(actual[finite], expected[finite]) < tolerance
+    np.testing.assert_array_equal(actual[~finite], expected[~finite])
+
+
+def assert_gradient_close(dx, expected, g):
+    """Relative error below 1e-5, up to a few float32 ulps of ``max|g|``.
+
+    That is the rounding of the closed form from a float32 softmax output
+    (as in tests/test_softmax.py), whatever the implementation.
+    """
+    error = np.max(np.abs(ref.to64(dx) - expected))
+    assert error <= 1e-5 * np.max(np.abs(expected)) + 4 * 2**-24 * np.max(np.abs(g))
+
+
+def test_block_length_divides_the_row_and_fits_32_kib():
+    assert _stable._block_size((3, LONG), np.float32, (1,)) == BLOCK
+    assert _stable._block_size((3, 16, 4096), np.float32, (1, 2)) == BLOCK
+    assert _stable._block_size((3, 3 * 17 * 1021), np.float32, (1,)) == 3 * 1021
+    assert _stable._block_size((3, 32768), np.float64, (1,)) == 4096
+    assert _stable._block_size((3, 32768), np.float32, (1,)) is None  # short enough
+    assert _stable._block_size((LONG, 3), np.float32, (0,)) is None  # not contiguous
+    assert _stable._block_size((3, 65537), np.float32, (1,)) is None  # a prime length
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_values_and_gradients_match_float64(name, rng):
+    x = long_rows(rng)
+    f = getattr(jsoftmax, name)
+    out, vjp = jax.vjp(f, jnp.asarray(x))
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    (dx,) = vjp(jnp.asarray(g))
+    assert_close(out, reference(name, x))
+    assert_gradient_close(dx, reference_vjp(name, x, g), g)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_edge_rows_across_blocks(name):
+    """Empty, +inf in two blocks, NaN in one block, huge: each row its limit, alone."""
+    x = np.zeros((5, LONG), np.float32)
+    x[0] = -np.inf
+    x[1, [3, LONG - 1]] = np.inf
+    x[2, BLOCK + 1] = np.nan
+    x[3, 2 * BLOCK] = 3e38
+    x[4] = np.linspace(-3, 3, LONG, dtype=np.float32)
+    out = np.asarray(getattr(jsoftmax, name)(x))
+    if name == "logsumexp":
+        assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2])
+        assert out[3] == np.float32(3e38)
+        assert ref.rel_err(out[4], reference(name, x[4:])[0]) < 1e-6
+        return
+    assert not np.isnan(np.delete(out, 2, axis=0)).any() and np.isnan(out[2]).all()
+    probabilities = np.exp(out) if name == "log_softmax" else out
+    assert (probabilities[0] == 0).all()
+    np.testing.assert_array_equal(np.flatnonzero(probabilities[1]), [3, LONG - 1])
+    np.testing.assert_allclose(probabilities[1, [3, LONG - 1]], 0.5)
+    assert probabilities[3, 2 * BLOCK] == 1 and probabilities[3].sum() == 1
+    assert_close(out[4], reference(name, x[4:])[0])
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("mask_kind", ["per_logit", "per_row"])
+def test_masks(name, mask_kind, rng):
+    x = long_rows(rng)
+    if mask_kind == "per_logit":
+        where = rng.random(x.shape) < 0.5
+        where[0, :BLOCK] = False
+        x[0, :BLOCK] = np.nan  # masked out: must not leak
+        where[2, :] = False  # a fully masked row
+        full_mask = where
+    else:
+        where = np.array([True, False, True])
+        full_mask = np.broadcast_to(where[:, None], x.shape)
+    f = getattr(jsoftmax, name)
+    out, vjp = jax.vjp(lambda x: f(x, where=where), jnp.asarray(x))
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    (dx,) = vjp(jnp.asarray(g))
+    kept = np.where(full_mask, x, 0)
+    expected = reference(name, kept, full_mask)
+    if name == "log_softmax":  # SciPy's NaN for a fully masked row; documented: -inf
+        expected = np.where(np.isnan(expected), -np.inf, expected)
+    assert_close(out, expected)
+    expected_dx = reference_vjp(name, kept, g, full_mask)
+    expected_dx = np.where(np.isnan(expected_dx), 0.0, expected_dx)  # fully masked rows
+    assert_gradient_close(dx, expected_dx, g)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_long_rows_compute_in_float32(name, dtype, rng):
+    x = jnp.asarray(rng.standard_normal((2, LONG)) * 4, dtype)
+    out = getattr(jsoftmax, name)(x)
+    assert out.dtype == dtype
+    expected = reference(name, np.asarray(x.astype(jnp.float32)))
+    assert ref.rel_err(out.astype(jnp.float32), expected) < 2 ** -(jnp.finfo(dtype).nmant)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_several_trailing_axes_and_vmap(name, rng):
+    x = (rng.standard_normal((2, 3, 16, 4096)) * 3).astype(np.float32)
+    f = getattr(jsoftmax, name)
+    out = f(x, axis=(2, 3))
+    flat = reference(name, x.reshape(6, -1)).reshape(out.shape)
+    assert_close(out, flat)
+    batched = jax.jit(jax.vmap(lambda x: f(x, axis=(1, 2))))(x)
+    np.testing.assert_allclose(batched, out, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_float64_long_rows_and_second_order(name, rng):
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 32768)) * 3)
+        f = getattr(jsoftmax, name)
+        np.testing.assert_allclose(f(x), reference(name, np.asarray(x)), rtol=1e-12, atol=1e-300)
+        check_grads(lambda x: jnp.sum(jnp.sin(f(x))), (x,), order=2, modes=["rev"])
+
+
+def cross_entropy_reference(x, labels):
+    """``sum(y) * logsumexp(x) - sum(y * x)`` over the labelled entries, in float64."""
+    x, labels = ref.to64(x), ref.to64(labels)
+    labelled = np.where(labels > 0, x, 0.0)
+    return labels.sum(-1) * ref.logsumexp(x) - np.sum(labels * labelled, axis=-1)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_cross_entropy_on_long_rows(integer, rng):
+    x = long_rows(rng)
+    rows = np.arange(3)
+    labels = np.array([LONG - 3, 7, 3 * BLOCK + 1])
+    targets = np.zeros(x.shape, np.float32)
+    if integer:
+        targets[rows, labels] = 1.0
+        loss_fn = lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(x, labels)  # noqa: E731
+    else:
+        targets[rows, labels] = [0.5, 1.0, 0.25]
+        targets[rows, labels - 1] = [0.5, 0.0, 0.75]
+        loss_fn = lambda x: jsoftmax.softmax_cross_entropy(x, targets)  # noqa: E731
+    loss, vjp = jax.vjp(loss_fn, jnp.asarray(x))
+    g = rng.standard_normal(3).astype(np.float32)
+    (dx,) = vjp(jnp.asarray(g))
+    assert ref.rel_err(loss, cross_entropy_reference(x, targets)) < 1e-6
+    expected_dx = g[:, None] * ref.soft_grad(x, targets)
+    assert ref.rel_err(dx, expected_dx) < 1e-5
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_cross_entropy_edge_rows_on_long_rows(integer):
+    """Empty row: loss 0, gradient 0; +inf in two blocks: the limit; NaN: only its row."""
+    x = np.zeros((3, LONG), np.float32)
+    x[0] = -np.inf
+    x[1, [3, LONG - 1]] = np.inf
+    x[2, BLOCK + 1] = np.nan
+    labels = np.array([0, 3, 0])
+    if integer:
+        fn = lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(x, labels)  # noqa: E731
+    else:
+        onehot = np.zeros(x.shape, np.float32)
+        onehot[np.arange(3), labels] = 1.0
+        fn = lambda x: jsoftmax.softmax_cross_entropy(x, onehot)  # noqa: E731
+    loss, vjp = jax.vjp(fn, jnp.asarray(x))
+    (dx,) = vjp(jnp.ones(3, jnp.float32))
+    loss, dx = np.asarray(loss), np.asarray(dx)
+    assert loss[0] == 0 and (dx[0] == 0).all()
+    np.testing.assert_allclose(loss[1], np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(dx[1, [3, LONG - 1]], [-0.5, 0.5], rtol=1e-6)
+    assert (np.delete(dx[1], [3, LONG - 1]) == 0).all()
+    assert np.isnan(loss[2])
+
+
+def test_long_rows_use_no_logits_sized_temporary():
+    """The blocks are a reshape of the input: nothing logits-sized is written (exact on CPU)."""
+    x = jnp.zeros((8, LONG), jnp.float32)
+    labels = jnp.zeros(8, jnp.int32)
+    row_bytes = LONG * 4
+    for fn in (
+        jsoftmax.logsumexp,
+        lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(x, labels),
+    ):
+        analysis = jax.jit(fn).lower(x).compile().memory_analysis()
+        assert analysis.temp_size_in_bytes < row_bytes
