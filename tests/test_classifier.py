@@ -163,6 +163,19 @@ def test_train_step_is_jitted_and_decreases_the_loss():
     assert value.shape == () and values[-1] < 0.5 * values[0]
 
 
+def losses_over_steps(optimizer, steps, l2=0.0):
+    """The loss at each of ``steps`` train steps on ``blobs()``, from a fixed start."""
+    x, y = blobs()
+    step = classifier.make_train_step(optimizer, l2=l2)
+    params = classifier.init_params(jax.random.key(0), 2, 3)
+    state = optimizer.init(params)
+    values = []
+    for _ in range(steps):
+        params, state, value = step(params, state, x, y)
+        values.append(float(value))
+    return values
+
+
 def test_train_step_with_a_plain_gradient_transformation():
     """A transformation without extra-args support is not sent value= and friends."""
     inner = optax.sgd(0.5)
@@ -172,27 +185,12 @@ def test_train_step_with_a_plain_gradient_transformation():
 
     plain = optax.GradientTransformation(inner.init, update)
     assert not isinstance(plain, optax.GradientTransformationExtraArgs)
-    x, y = blobs()
-    step = classifier.make_train_step(plain)
-    params = classifier.init_params(jax.random.key(0), 2, 3)
-    state = plain.init(params)
-    values = []
-    for _ in range(5):
-        params, state, value = step(params, state, x, y)
-        values.append(float(value))
+    values = losses_over_steps(plain, 5)
     assert values[-1] < values[0]
 
 
 def test_train_step_drives_lbfgs_with_its_line_search():
-    x, y = blobs()
-    optimizer = optax.lbfgs()
-    step = classifier.make_train_step(optimizer, l2=1e-2)
-    params = classifier.init_params(jax.random.key(0), 2, 3)
-    state = optimizer.init(params)
-    values = []
-    for _ in range(15):
-        params, state, value = step(params, state, x, y)
-        values.append(float(value))
+    values = losses_over_steps(optax.lbfgs(), 15, l2=1e-2)
     assert all(b <= a + 1e-6 for a, b in zip(values, values[1:], strict=False))
     assert values[-1] < 0.5 * values[0]
 

@@ -143,44 +143,50 @@ def write_csv(path, text):
     return path
 
 
+def csv_file(text):
+    """A maker of ``d.csv`` holding ``text`` in a given folder."""
+    return lambda folder: write_csv(folder / "d.csv", text)
+
+
+def npz_file(**arrays):
+    """A maker of ``d.npz`` holding ``arrays`` in a given folder."""
+
+    def make(folder):
+        np.savez(folder / "d.npz", **arrays)
+        return folder / "d.npz"
+
+    return make
+
+
 BAD_DATA = {
     "missing file": (lambda d: d / "absent.csv", "no such file"),
     "unsupported extension": (lambda d: write_csv(d / "d.xlsx", "x"), "unsupported file type"),
     "non-numeric feature": (
-        lambda d: write_csv(d / "d.csv", "a,color,label\n1,2,0\n3,blue,1\n"),
+        csv_file("a,color,label\n1,2,0\n3,blue,1\n"),
         "column 'color' is not numeric (line 3 holds 'blue')",
     ),
     "missing values": (
-        lambda d: write_csv(d / "d.csv", "a,b,label\n1,2,0\n3,4,1\n5,,1\n"),
+        csv_file("a,b,label\n1,2,0\n3,4,1\n5,,1\n"),
         "missing value in column 'b' on line 4",
     ),
-    "one class only": (
-        lambda d: write_csv(d / "d.csv", "a,label\n1,x\n2,x\n3,x\n"),
-        "only one class ('x')",
-    ),
+    "one class only": (csv_file("a,label\n1,x\n2,x\n3,x\n"), "only one class ('x')"),
     "unknown label column": (
-        lambda d: write_csv(d / "d.csv", "a,b,target\n1,2,0\n3,4,1\n"),
+        csv_file("a,b,target\n1,2,0\n3,4,1\n"),
         "no label column 'label'; the columns are 'a', 'b', 'target'",
     ),
-    "empty file": (lambda d: write_csv(d / "d.csv", ""), "is empty"),
-    "npz without X": (
-        lambda d: (np.savez(d / "d.npz", y=np.arange(4) % 2), d / "d.npz")[1],
-        "has no array 'X' (it holds 'y')",
-    ),
-    "npz without y": (
-        lambda d: (np.savez(d / "d.npz", X=np.ones((4, 2))), d / "d.npz")[1],
-        "has no array 'y' (it holds 'X')",
-    ),
+    "empty file": (csv_file(""), "is empty"),
+    "npz without X": (npz_file(y=np.arange(4) % 2), "has no array 'X' (it holds 'y')"),
+    "npz without y": (npz_file(X=np.ones((4, 2))), "has no array 'y' (it holds 'X')"),
     "X and y lengths differ": (
-        lambda d: (np.savez(d / "d.npz", X=np.ones((4, 2)), y=np.arange(3)), d / "d.npz")[1],
+        npz_file(X=np.ones((4, 2)), y=np.arange(3)),
         "X has 4 rows but y has 3 labels",
     ),
     "too few examples of a class": (
-        lambda d: write_csv(d / "d.csv", "a,label\n1,x\n2,x\n3,x\n4,y\n"),
+        csv_file("a,label\n1,x\n2,x\n3,x\n4,y\n"),
         "class 'y' has only 1 example",
     ),
     "test split too small": (
-        lambda d: write_csv(d / "d.csv", "a,label\n1,x\n2,x\n3,y\n4,y\n5,x\n"),
+        csv_file("a,label\n1,x\n2,x\n3,y\n4,y\n5,x\n"),
         "the test split would hold 1 of 5 examples",
     ),
 }
