@@ -344,16 +344,17 @@ def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -
 
     For formulas XLA fuses into one loop only without guards: ``fast`` may
     give NaN on the edge rows (empty, ``+inf``, ``0 * -inf``), and ``exact``,
-    which handles them, runs only when some row needs it. Like the statistics
-    above it stays one call under ``vmap``, and its derivatives are those of
-    ``exact``.
+    which handles them, runs only when some row needs it, a chunk of rows at
+    a time (its memory is reserved even when it does not run). Like the
+    statistics above it stays one call under ``vmap``, and its derivatives
+    are those of ``exact``.
     """
 
     def pick(axes, *arrays):
         out = fast(axes, *arrays)
 
         def redo(arrays, out):
-            return jnp.where(jnp.isnan(out), exact(axes, *arrays), out)
+            return jnp.where(jnp.isnan(out), _by_row_chunks(exact, axes, *arrays), out)
 
         return lax.cond(jnp.any(jnp.isnan(out)), redo, lambda arrays, out: out, arrays, out)
 
@@ -367,3 +368,29 @@ def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -
         return differentiable(*primals), exact_tangent
 
     return differentiable(*arrays)
+
+
+# Rows per chunk for a rarely taken exact branch: its guards make XLA write
+# intermediates out, and a compiled branch reserves that memory even when it
+# never runs, so it works on this much of the input at a time.
+_CHUNK_BYTES = 256 * 1024
+
+
+def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
+    """``fn(axes, *arrays)``, a per-row result (keepdims), computed a chunk of rows at a time.
+
+    Only when the reduced axes are the trailing ones (a free reshape);
+    otherwise in one go.
+    """
+    shape = arrays[0].shape
+    row_shape = shape[: len(shape) - len(axes)]
+    row_length = math.prod(shape[a] for a in axes)
+    rows = math.prod(row_shape)
+    itemsize = max(a.dtype.itemsize for a in arrays)
+    chunk = max(1, _CHUNK_BYTES // max(1, row_length * itemsize))
+    trailing = axes == tuple(range(len(shape) - len(axes), len(shape)))
+    if not trailing or rows <= chunk:
+        return fn(axes, *arrays)
+    flat = [a.reshape(rows, row_length) for a in arrays]
+    out = lax.map(lambda row: fn((0,), *row), flat, batch_size=chunk)
+    return out.reshape(*row_shape, *(1 for _ in axes))

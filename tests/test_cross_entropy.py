@@ -657,6 +657,24 @@ def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap():
         assert not np.any(np.isnan(result))
 
 
+def test_soft_labels_edge_rows_among_many_rows():
+    """Past 256 KiB the exact redo runs a chunk of rows at a time: same limits."""
+    logits, labels, expected = _edge_rows()
+    logits, labels = np.tile(logits, (4000, 1)), np.tile(labels, (4000, 1))
+    assert logits.nbytes > 256 * 1024
+    expected = np.tile(expected, 4000)
+    np.testing.assert_allclose(jax.jit(soft_ce)(logits, labels), expected, rtol=1e-6)
+    batched = jax.vmap(soft_ce)(logits.reshape(2, -1, 4), labels.reshape(2, -1, 4))
+    np.testing.assert_allclose(batched.reshape(-1), expected, rtol=1e-6)
+
+
+def test_soft_labels_forward_holds_no_logits_sized_temporary():
+    """The rare exact redo is compiled in; by chunks it reserves little (exact on CPU)."""
+    logits = jax.ShapeDtypeStruct((8192, 1024), jnp.float32)  # optax: no temp here either
+    analysis = jax.jit(soft_ce).lower(logits, logits).compile().memory_analysis()
+    assert analysis.temp_size_in_bytes < 8192 * 1024 * 4 / 8
+
+
 def test_soft_labels_second_order_through_the_fast_path(rng):
     logits = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
     labels = jnp.asarray(rng.dirichlet(np.ones(5), 3), jnp.float32)
