@@ -413,12 +413,23 @@ def _integer_parts(logits, labels, logit_mask, weights, config):
     return x, xm, label_index, label_weight, ignored, invalid
 
 
-def _label_logit(x, label_index, axes):
-    """The logit of each example's label (read as given, as optax does, even if masked)."""
-    if len(axes) == 1:
-        return jnp.take_along_axis(x, label_index, axis=axes[0])
-    is_label = _flat_class_index(x.shape, axes) == label_index
-    return jnp.sum(jnp.where(is_label, x, jnp.zeros_like(x)), axis=axes, keepdims=True)
+def _label_logit(logits, label_index, axes, dtype):
+    """Each example's label logit in ``dtype``, read as given (as optax does) even if masked.
+
+    Read from the logits in their own dtype, as raw bits when that is not
+    ``dtype``: XLA turns a gather from cast logits into a cast of all of
+    them, which the forward's sum then cannot fuse, so 16-bit logits would be
+    copied out in float32 (measured 3x slower).
+    """
+    if len(axes) != 1:
+        x = logits.astype(dtype)
+        is_label = _flat_class_index(x.shape, axes) == label_index
+        return jnp.sum(jnp.where(is_label, x, jnp.zeros_like(x)), axis=axes, keepdims=True)
+    if logits.dtype == dtype:
+        return jnp.take_along_axis(logits, label_index, axis=axes[0])
+    bits_dtype = jnp.dtype(f"uint{8 * logits.dtype.itemsize}")
+    bits = jnp.take_along_axis(lax.bitcast_convert_type(logits, bits_dtype), label_index, axes[0])
+    return lax.bitcast_convert_type(bits, logits.dtype).astype(dtype)
 
 
 def _smoothing_parts(xm, m, logit_mask, weights, config):
@@ -446,7 +457,8 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
     m, log_s = _stable.row_stats(logits, logit_mask, axes, x.dtype)
     log_s_safe = _stable.safe_log_s(log_s)
     label_coefficient = (1 - config.label_smoothing) * label_weight
-    label_term = log_s_safe - _label_shifted(_label_logit(x, label_index, axes), m)
+    label_logit = _label_logit(logits, label_index, axes, x.dtype)
+    label_term = log_s_safe - _label_shifted(label_logit, m)
     loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * label_term)
     smoothing = _smoothing_parts(xm, m, logit_mask, weights, config)
     if smoothing is not None:

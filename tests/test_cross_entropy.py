@@ -675,6 +675,18 @@ def test_soft_labels_forward_holds_no_logits_sized_temporary():
     assert analysis.temp_size_in_bytes < 8192 * 1024 * 4 / 8
 
 
+def test_bfloat16_integer_label_forward_makes_no_float32_copy():
+    """The float32 cast stays inside the reductions (exact on CPU); optax's holds 32 MiB here.
+
+    (XLA:CPU fuses the cast from bfloat16 into its reduction loop, not the one
+    from float16: float16 logits are still copied out in float32.)
+    """
+    logits = jax.ShapeDtypeStruct((8192, 1024), jnp.bfloat16)
+    labels = jax.ShapeDtypeStruct((8192,), jnp.int32)
+    compiled = jax.jit(int_ce).lower(logits, labels).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 8192 * 1024 * 4 / 8
+
+
 def test_soft_labels_second_order_through_the_fast_path(rng):
     logits = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
     labels = jnp.asarray(rng.dirichlet(np.ones(5), 3), jnp.float32)
