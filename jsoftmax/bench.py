@@ -393,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats",
         type=int,
         default=None,
-        help="alternating rounds per comparison (default 9, or 3 with --quick; "
+        help="alternating rounds per comparison (default 15, or 3 with --quick; "
         "the fused comparisons use at most 5)",
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
     if repeats < 1:
         parser.error(f"--repeats must be at least 1, got {repeats}")
     out = Path(args.out)
