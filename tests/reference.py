@@ -105,3 +105,37 @@ def rel_err(actual, expected) -> float:
         if scale
         else float(np.max(np.abs(actual - expected), initial=0.0))
     )
+
+
+def softmax_family(name, x, axis=-1, mask=None):
+    """``softmax``, ``log_softmax`` or ``logsumexp`` over ``axis`` (None: all axes)."""
+    axis = tuple(range(np.ndim(x))) if axis is None else axis
+    functions = {"softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp}
+    return functions[name](x, axis=axis, mask=mask)
+
+
+def softmax_family_vjp(name, x, axis, g, mask=None):
+    """The closed-form cotangents of ``softmax_family(name, ...)`` in float64."""
+    axis = tuple(range(np.ndim(x))) if axis is None else axis
+    g = to64(g)
+    p = softmax(x, axis=axis, mask=mask)
+    if name == "softmax":
+        return p * (g - np.sum(g * p, axis=axis, keepdims=True))
+    if name == "log_softmax":
+        g = g if mask is None else np.where(mask, g, 0.0)
+        return g - p * np.sum(g, axis=axis, keepdims=True)
+    return np.expand_dims(g, axis) * p
+
+
+def assert_gradient_close(dx, expected, g):
+    """Relative error below 1e-5, up to the closed form's own rounding.
+
+    ``a * (g - sum(g * a))`` computed from a float32 ``a`` has an absolute
+    error of a few float32 ulps of ``max|g|`` (``1 - a`` rounds to 0 when a row
+    is confident), whatever the implementation: jax.nn's has the same.
+    """
+    error = np.max(np.abs(to64(dx) - expected), initial=0.0)
+    bound = 1e-5 * np.max(np.abs(expected), initial=0.0) + 4 * 2**-24 * np.max(
+        np.abs(to64(g)), initial=0.0
+    )
+    assert error <= bound, (error, bound)
