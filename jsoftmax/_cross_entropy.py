@@ -234,7 +234,7 @@ def _plain_soft_loss_exact(axes, x, y):
 def _soft_forward(logits, labels, logit_mask, example_mask, weights, config):
     dtype = compute_dtype(logits.dtype, labels.dtype)
     axes = config.axes
-    xm = _stable.masked(logits.astype(dtype), logit_mask)
+    xm = _stable.masked_in(logits, logit_mask, dtype)
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
     plain = logit_mask is None and weights is None and not config.label_smoothing
     if plain and not config.z_loss:

@@ -122,6 +122,16 @@ _BLOCK_BYTES = 32 * 1024
 _SMALLEST_BLOCK = 512
 
 
+def _contiguous_row_length(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
+    """The length of a row if the reduced axes are the trailing ones, else None.
+
+    Only then does ``reshape(-1, row_length)`` lay the rows out, for free.
+    """
+    if axes != tuple(range(len(shape) - len(axes), len(shape))):
+        return None
+    return math.prod(shape[a] for a in axes)
+
+
 def _block_size(shape: tuple[int, ...], dtype, axes: tuple[int, ...]) -> int | None:
     """The block length for reducing long rows piecewise, or None to reduce them whole.
 
@@ -129,9 +139,9 @@ def _block_size(shape: tuple[int, ...], dtype, axes: tuple[int, ...]) -> int | N
     and a block length that divides the row; rows with no divisor in range
     are reduced whole.
     """
-    if axes != tuple(range(len(shape) - len(axes), len(shape))):
+    row_length = _contiguous_row_length(shape, axes)
+    if row_length is None:
         return None
-    row_length = math.prod(shape[a] for a in axes)
     itemsize = np.dtype(dtype).itemsize
     if row_length * itemsize <= _LONGEST_ROW_BYTES:
         return None
@@ -227,8 +237,9 @@ def _max_and_sum_jvp(dtype, axes, primals, tangents):
     return (m, s), (jnp.where(has_inf, jnp.zeros_like(dm), dm), ds)
 
 
-def _mask_arguments(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
-    return () if mask is None else (jnp.broadcast_to(mask, x.shape),)
+def _full_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array | None:
+    """``mask`` broadcast to ``x``'s shape (blocks reshape it as they reshape ``x``)."""
+    return None if mask is None else jnp.broadcast_to(mask, x.shape)
 
 
 def row_stats(
@@ -241,7 +252,8 @@ def row_stats(
     finite value (so an empty row has a finite ``m`` and ``log_s = -inf``),
     ``+inf`` for a row with a ``+inf``.
     """
-    m, s = _differentiable_max_and_sum(dtype, axes, x, *_mask_arguments(x, mask))
+    mask_arguments = () if mask is None else (_full_mask(x, mask),)
+    m, s = _differentiable_max_and_sum(dtype, axes, x, *mask_arguments)
     return m, jnp.log(s)
 
 
@@ -255,8 +267,7 @@ def _clamped_stats_by_blocks(x, mask, axes, dtype, block):
     They are computed block by block, apart from the elementwise pass that
     uses them (one read of the row for the statistics, one for the output).
     """
-    mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
-    m, s = _max_and_sum_by_blocks(x, mask, axes, block, dtype, clamp=True)
+    m, s = _max_and_sum_by_blocks(x, _full_mask(x, mask), axes, block, dtype, clamp=True)
     return lax.optimization_barrier((m, jnp.maximum(s, 1)))
 
 
@@ -393,13 +404,14 @@ def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
     otherwise in one go.
     """
     shape = arrays[0].shape
+    row_length = _contiguous_row_length(shape, axes)
+    if row_length is None:
+        return fn(axes, *arrays)
     row_shape = shape[: len(shape) - len(axes)]
-    row_length = math.prod(shape[a] for a in axes)
     rows = math.prod(row_shape)
     itemsize = max(a.dtype.itemsize for a in arrays)
     chunk = max(1, _CHUNK_BYTES // max(1, row_length * itemsize))
-    trailing = axes == tuple(range(len(shape) - len(axes), len(shape)))
-    if not trailing or rows <= chunk:
+    if rows <= chunk:
         return fn(axes, *arrays)
     flat = [a.reshape(rows, row_length) for a in arrays]
     out = lax.map(lambda row: fn((0,), *row), flat, batch_size=chunk)
