@@ -104,7 +104,7 @@ def _per_class(weights: jax.Array | None, shape, axes, dtype) -> jax.Array | Non
 def _num_taking_part(logit_mask, shape, axes, dtype) -> jax.Array | float:
     """``K``, the classes smoothing spreads over: all, or the unmasked ones per row."""
     if logit_mask is None:
-        return float(_num_classes(shape, axes))
+        return float(max(_num_classes(shape, axes), 1))  # no classes: nothing to spread
     # max(., 1): a fully masked row has nothing to spread over (and no gradient).
     return jnp.maximum(jnp.sum(logit_mask, axis=axes, keepdims=True), 1).astype(dtype)
 
@@ -113,6 +113,13 @@ def _weighted_sum(coefficient, values, axes) -> jax.Array:
     """``sum(coefficient * values)`` where a 0 coefficient ignores an infinite value."""
     products = jnp.where(coefficient == 0, jnp.zeros_like(values), coefficient * values)
     return jnp.sum(products, axis=axes, keepdims=True)
+
+
+def _weights_of(weights: jax.Array, labels: jax.Array) -> jax.Array:
+    """``weights[labels]``, labels clipped into range; 0 when there are no classes."""
+    if weights.shape[0] == 0:
+        return jnp.zeros(labels.shape, weights.dtype)
+    return weights[jnp.clip(labels, 0, weights.shape[0] - 1)]
 
 
 def _example_is_active(log_s, example_mask, ignored=None) -> jax.Array:
@@ -150,6 +157,13 @@ def _label_shifted(label_logit, m):
 
 def _z_term(config, lse):
     return config.z_loss * lse * lse if config.z_loss else 0.0
+
+
+def _times_scale(g, scale, config):
+    """``g * scale`` per row; 0 where ``g`` is, with a z-loss (inf ``scale`` in a ``+inf`` row)."""
+    if not config.z_loss:
+        return g * scale
+    return jnp.where(g == 0, jnp.zeros_like(g), g * scale)
 
 
 def _mean_denominator(logit_mask, example_mask, shape, axes, ignored=None, weight=None):
@@ -268,7 +282,10 @@ def _soft_bwd(config, residuals, g):
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
     x = logits.astype(dtype)
-    d_logits = _stable.scaled_probabilities(x, logit_mask, m, log_s, g * scale) - g * coefficient
+    d_logits = _stable.scaled_probabilities(
+        x, logit_mask, m, log_s, _times_scale(g, scale, config), infinite_scale=bool(config.z_loss)
+    )
+    d_logits = d_logits - g * coefficient
 
     # d loss / d y_c = (1 - e) w_c (lse - z_c) on the classes taking part.
     label_scale = g * (1 - config.label_smoothing)
@@ -409,7 +426,7 @@ def _integer_parts(logits, labels, logit_mask, weights, config):
     in_range = (labels >= 0) & (labels < num_classes)
     invalid = ~in_range if ignored is None else ~in_range & ~ignored
     label_index = jnp.where(in_range, labels, 0).astype(jnp.int32)
-    label_weight = 1.0 if weights is None else weights.astype(dtype)[label_index]
+    label_weight = 1.0 if weights is None else _weights_of(weights.astype(dtype), label_index)
     return x, xm, label_index, label_weight, ignored, invalid
 
 
@@ -463,10 +480,12 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
     smoothing = _smoothing_parts(xm, m, logit_mask, weights, config)
     if smoothing is not None:
         share, class_weight, weight_total = smoothing
-        spread = weight_total * log_s_safe - _weighted_sum(
-            class_weight, _stable.shifted(xm, m), axes
+        # share goes into the sum term by term: (K - 1) logit gaps near the largest
+        # float would overflow summed before it (PyTorch overflows there in float32).
+        spread = share * weight_total * log_s_safe - _weighted_sum(
+            share * class_weight, _stable.shifted(xm, m), axes
         )
-        loss = loss + share * spread
+        loss = loss + spread
     loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
     active = _example_is_active(log_s, example_mask, ignored)
     return _finish(loss, active, invalid, axes), (m, log_s)
@@ -491,7 +510,9 @@ def _integer_bwd(config, residuals, g):
         scale = scale + share * weight_total
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
-    d_logits = _stable.scaled_probabilities(x, logit_mask, m, log_s, g * scale)
+    d_logits = _stable.scaled_probabilities(
+        x, logit_mask, m, log_s, _times_scale(g, scale, config), infinite_scale=bool(config.z_loss)
+    )
     if smoothing is not None:
         d_logits = d_logits - g * share * class_weight
     d_logits = _subtract_at_labels(d_logits, g * label_coefficient, label_index, axes)
@@ -507,6 +528,8 @@ def _subtract_at_labels(d_logits, amount, label_index, axes):
     The scatter touches one entry per example, where a select would be another
     pass over the logits (measured: a third faster end to end on CPU).
     """
+    if d_logits.size == 0:
+        return d_logits
     if len(axes) == 1:
         axis = axes[0]
         labels = jnp.squeeze(label_index, axis)
@@ -608,7 +631,7 @@ def softmax_cross_entropy_with_integer_labels(
         ignored = None if config.ignore_index is None else labels == config.ignore_index
         label_weight = None
         if weights is not None:
-            label_weight = weights[jnp.clip(labels, 0, weights.shape[0] - 1)]
+            label_weight = _weights_of(weights, labels)
         denominator = _mean_denominator(
             logit_mask,
             example_mask,

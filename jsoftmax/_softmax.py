@@ -113,9 +113,10 @@ def _log_softmax_bwd(axes, residuals, g):
     if mask is not None:
         g = jnp.where(mask, g, jnp.zeros_like(g))
     dx = g - jnp.exp(o) * jnp.sum(g, axis=axes, keepdims=True)
-    # A row with no probability (all -inf or masked) is constant: gradient 0.
+    # A row with no probability (all -inf or masked) is constant: gradient 0. XLA:CPU's
+    # max skips NaN, so a NaN row looks empty too: 0 * dx keeps its NaN.
     row_is_empty = jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf) == -jnp.inf
-    dx = jnp.where(row_is_empty, jnp.zeros_like(dx), dx)
+    dx = jnp.where(row_is_empty, 0 * dx, dx)
     return dx.astype(out.dtype), None
 
 
@@ -147,10 +148,13 @@ def log_softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = 
     Note:
       Masked entries and ``-inf`` logits give ``-inf``; a row that is empty,
       all ``-inf`` or fully masked gives ``-inf`` everywhere and a zero
-      gradient. A NaN makes its row NaN. 16-bit floats are computed in float32
-      and returned in their own dtype. The gradient is the closed form
-      ``g - exp(o) * sum(g)`` from the output ``o`` (and the user's mask)
-      alone; reverse mode only (``jax.jvp`` raises).
+      gradient. ``+inf`` entries share the probability: ``-log(k)`` for ``k``
+      of them, and the row's finite entries get the most negative finite
+      value where the limit is ``-inf`` (telling them apart would cost a pass
+      over the row; their ``exp`` is 0 either way). A NaN makes its row NaN.
+      16-bit floats are computed in float32 and returned in their own dtype.
+      The gradient is the closed form ``g - exp(o) * sum(g)`` from the output
+      ``o`` (and the user's mask) alone; reverse mode only (``jax.jvp`` raises).
     """
     array, axes, mask = _prepare(x, axis, where)
     return _log_softmax(array, mask, axes)

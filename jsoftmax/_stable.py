@@ -19,7 +19,9 @@ by a branch that runs only when some row has one:
 - a ``+inf`` entry: ``m = +inf`` and ``s`` is the number of ``+inf`` entries,
   which share the probability evenly, as the limit does; the logsumexp is
   ``+inf``.
-- a NaN anywhere unmasked: ``m = NaN`` and everything derived is NaN.
+- a NaN anywhere unmasked: the sum is NaN and everything derived from it.
+  Nothing relies on ``m`` being NaN: XLA:CPU's fused max skips NaN (and its
+  min with a constant, which ``_min_keeping_nan`` works around).
 
 Rows longer than 128 KiB stop fitting in cache in that loop (about 3x
 slower on CPU), so they are reduced in blocks of at most 32 KiB, a reshape
@@ -49,6 +51,37 @@ def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 def _largest(dtype) -> float:
     return float(jnp.finfo(dtype).max)
+
+
+@jax.jit
+def _min_keeping_nan(bound: jax.Array, x: jax.Array) -> jax.Array:
+    """``min(bound, x)``, NaN wherever ``x`` is NaN, also on XLA:CPU.
+
+    XLA:CPU's fused kernels compute ``min(a, b)`` as x86's ``minps`` does,
+    giving ``b`` when either is NaN (openxla/xla#21461 is the same for max),
+    and XLA moves a constant operand to the right, which would turn a NaN
+    logit into ``bound``. Passed in as an
+    argument of this call, which XLA inlines after that, the bound stays on
+    the left. ``tests/test_stable.py`` checks NaN rows at sizes that use
+    those kernels.
+    """
+    return lax.min(bound, x)
+
+
+@jax.jit
+def _max_keeping_nan(bound: jax.Array, x: jax.Array) -> jax.Array:
+    """``max(bound, x)``, NaN wherever ``x`` is NaN (see ``_min_keeping_nan``)."""
+    return lax.max(bound, x)
+
+
+def _at_least_one(s: jax.Array) -> jax.Array:
+    """``max(s, 1)``, NaN where ``s`` is."""
+    return _max_keeping_nan(jnp.ones((), s.dtype), s)
+
+
+def _clamped(x: jax.Array) -> jax.Array:
+    """``min(x, largest finite)``: ``+inf`` clamped, NaN kept."""
+    return _min_keeping_nan(jnp.asarray(_largest(x.dtype), x.dtype), x)
 
 
 def row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -172,7 +205,7 @@ def _max_and_sum_by_blocks(x, mask, axes: tuple[int, ...], block: int, dtype, cl
         # are, so only the sum reads the clamped ones (a shared clamp would be
         # written out).
         block_max = jnp.minimum(block_max, _largest(dtype))
-        blocks = jnp.minimum(blocks, _largest(dtype))
+        blocks = _clamped(blocks)
     block_sum = jnp.sum(jnp.exp(blocks - block_max), axis=1, keepdims=True)
     block_max = block_max.reshape(*row_shape, -1)
     block_sum = block_sum.reshape(*row_shape, -1)
@@ -258,7 +291,7 @@ def row_stats(
 
 
 def _clamped_in(x: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
-    return jnp.minimum(masked_in(x, mask, dtype), _largest(dtype))
+    return _clamped(masked_in(x, mask, dtype))
 
 
 def _clamped_stats_by_blocks(x, mask, axes, dtype, block):
@@ -268,7 +301,7 @@ def _clamped_stats_by_blocks(x, mask, axes, dtype, block):
     uses them (one read of the row for the statistics, one for the output).
     """
     m, s = _max_and_sum_by_blocks(x, _full_mask(x, mask), axes, block, dtype, clamp=True)
-    return lax.optimization_barrier((m, jnp.maximum(s, 1)))
+    return lax.optimization_barrier((m, _at_least_one(s)))
 
 
 def softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtype) -> jax.Array:
@@ -286,7 +319,7 @@ def softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtyp
         m, divisor = _clamped_stats_by_blocks(x, mask, axes, dtype, block)
         return jnp.exp(clamped - m) / divisor
     exps = jnp.exp(clamped - row_max(clamped, axes))
-    return exps / jnp.maximum(jnp.sum(exps, axis=axes, keepdims=True), 1)
+    return exps / _at_least_one(jnp.sum(exps, axis=axes, keepdims=True))
 
 
 def log_softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtype) -> jax.Array:
@@ -298,7 +331,7 @@ def log_softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], 
         return (clamped - m) - jnp.log(divisor)
     shifted_logits = clamped - row_max(clamped, axes)
     s = jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True)
-    return shifted_logits - jnp.log(jnp.maximum(s, 1))
+    return shifted_logits - jnp.log(_at_least_one(s))
 
 
 def shift_of(m: jax.Array) -> jax.Array:
@@ -306,13 +339,22 @@ def shift_of(m: jax.Array) -> jax.Array:
     return jnp.minimum(m, _largest(m.dtype))
 
 
+def _stretch(m: jax.Array) -> jax.Array:
+    """Per row, 1, or the largest finite value in rows with a ``+inf`` entry.
+
+    Their finite entries are at least one ulp of the largest value below it,
+    so times this they overflow to ``-inf``, their log-probability in the limit.
+    """
+    return jnp.where(m == jnp.inf, _largest(m.dtype), 1).astype(m.dtype)
+
+
 def shifted(xm: jax.Array, m: jax.Array) -> jax.Array:
     """``xm - m``: exact, at most 0, and ``-inf`` wherever ``xm`` is.
 
     In a row with ``+inf`` entries they give ``inf - largest = inf``, clamped
-    to 0, and the finite entries ``-inf`` in effect (``x - largest``).
+    to 0, and the finite entries ``-inf``, their limit.
     """
-    return jnp.minimum(xm - shift_of(m), 0)
+    return jnp.minimum(xm - shift_of(m), 0) * _stretch(m)
 
 
 def nonempty(log_s: jax.Array) -> jax.Array:
@@ -332,7 +374,13 @@ def logsumexp_from_stats(m: jax.Array, log_s: jax.Array) -> jax.Array:
 
 
 def scaled_probabilities(
-    x: jax.Array, mask: jax.Array | None, m: jax.Array, log_s: jax.Array, row_scale: jax.Array
+    x: jax.Array,
+    mask: jax.Array | None,
+    m: jax.Array,
+    log_s: jax.Array,
+    row_scale: jax.Array,
+    *,
+    infinite_scale: bool = False,
 ) -> jax.Array:
     """``row_scale * softmax`` from the saved row statistics, for the backward passes.
 
@@ -342,16 +390,28 @@ def scaled_probabilities(
     selects for every entry (measured a third slower). ``x + (-m)`` rather than
     the forward's ``x - m`` keeps XLA from merging this pass into the forward
     and holding a logits-sized array between the two.
+
+    ``infinite_scale``: ``row_scale`` may be infinite (the z-loss of a row with a
+    ``+inf`` logit); its entries of probability 0 then still give 0, not
+    ``inf * 0 = NaN``, at the cost of one more multiply per entry.
     """
     neg_shift = -shift_of(m)
     factor = row_scale / jnp.exp(safe_log_s(log_s))
-    neg_shift, factor = lax.optimization_barrier((neg_shift, factor))
-    return masked_to_zero(jnp.exp(jnp.minimum(x + neg_shift, 0)) * factor, mask)
+    if not infinite_scale:
+        neg_shift, factor = lax.optimization_barrier((neg_shift, factor))
+        return masked_to_zero(jnp.exp(jnp.minimum(x + neg_shift, 0)) * factor, mask)
+    # An infinite factor becomes the largest finite one times 2, which overflows
+    # only where the probability is positive.
+    is_infinite = jnp.isinf(factor)
+    overflow = jnp.where(is_infinite, jnp.full_like(factor, 2), jnp.ones_like(factor))
+    factor = jnp.where(is_infinite, jnp.sign(factor) * _largest(factor.dtype), factor)
+    neg_shift, factor, overflow = lax.optimization_barrier((neg_shift, factor, overflow))
+    return masked_to_zero(jnp.exp(jnp.minimum(x + neg_shift, 0)) * factor * overflow, mask)
 
 
 def shifted_again(x: jax.Array, m: jax.Array) -> jax.Array:
     """``shifted(x, m)`` for backward passes, unmasked, written so XLA keeps it apart."""
-    return jnp.minimum(x + (-shift_of(m)), 0)
+    return jnp.minimum(x + (-shift_of(m)), 0) * _stretch(m)
 
 
 def masked_to_zero(values: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -537,6 +537,18 @@ def test_empty_batch_and_empty_class_axis():
     np.testing.assert_array_equal(soft_ce(jnp.zeros((3, 0)), jnp.zeros((3, 0))), 0.0)
 
 
+def test_empty_class_axis_with_every_option():
+    # No class: soft labels have nothing to lose (0); any integer label is out of range (NaN).
+    x = jnp.zeros((2, 0))
+    soft = soft_ce(x, jnp.zeros((2, 0)), label_smoothing=0.1, class_weights=jnp.zeros(0))
+    np.testing.assert_array_equal(soft, 0.0)
+    labels = jnp.array([0, 0])
+    for options in ({"label_smoothing": 0.1}, {"class_weights": jnp.zeros(0)}, {"z_loss": 0.1}):
+        assert np.all(np.isnan(int_ce(x, labels, **options)))
+    grad = jax.grad(lambda x: int_ce(x, labels, label_smoothing=0.1).sum())(x)
+    assert grad.shape == (2, 0)
+
+
 # --- bad labels (SPEC §4) ----------------------------------------------------------------
 
 
@@ -700,3 +712,48 @@ def test_soft_labels_second_order_through_the_fast_path(rng):
         hessian = jax.hessian(lambda x: jnp.sum(soft_ce(x, y64)))(x64)
         expected = jax.hessian(lambda x: -jnp.sum(y64 * jax.nn.log_softmax(x)))(x64)
         np.testing.assert_allclose(hessian, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_label_smoothing_sums_huge_logit_gaps_without_overflow():
+    # 39 gaps of 2e37 sum past the largest float32 (PyTorch's float32 loss is inf);
+    # the loss itself, 0.3 / 40 * 39 * 2e37, is not.
+    logits = np.array([[1e37] + [-1e37] * 39], np.float32)
+    expected, _ = ref.cross_entropy_int(logits, np.array([0]), label_smoothing=0.3)
+    loss = int_ce(jnp.asarray(logits), jnp.array([0]), label_smoothing=0.3)
+    assert ref.rel_err(loss, expected) < 1e-5
+    labels = np.eye(40, dtype=np.float32)[:1]
+    expected = ref.cross_entropy_soft(logits, labels, label_smoothing=0.3)
+    assert ref.rel_err(soft_ce(jnp.asarray(logits), labels, label_smoothing=0.3), expected) < 1e-5
+
+
+def test_plus_inf_logit_limits_for_labels_on_finite_classes():
+    # A +inf logit takes all the probability: a finite class has log-probability -inf.
+    logits = jnp.array([[jnp.inf, 0.0, 1.0]])
+    labels = jnp.array([[0.0, 1.0, 0.0]])
+    loss, (d_logits, d_labels) = jax.value_and_grad(
+        lambda x, y: soft_ce(x, y).sum(), argnums=(0, 1)
+    )(logits, labels)
+    assert loss == np.inf
+    np.testing.assert_array_equal(d_logits, [[1.0, -1.0, 0.0]])
+    np.testing.assert_array_equal(d_labels, [[0.0, np.inf, np.inf]])  # -log_softmax
+    smoothed = int_ce(logits, jnp.array([0]), label_smoothing=0.5)
+    np.testing.assert_array_equal(smoothed, [np.inf])
+
+
+@pytest.mark.parametrize("loss_fn", ["int", "soft"])
+def test_z_loss_gradient_at_plus_inf_logit_is_its_limit(loss_fn):
+    # 2 z lse softmax -> [inf, 0, 0]: inf * 0 must not become NaN.
+    logits = jnp.array([[jnp.inf, 0.0, 1.0], [1.0, 2.0, 0.5]])
+    if loss_fn == "int":
+        f = lambda x: int_ce(x, jnp.array([0, 1]), z_loss=0.1)  # noqa: E731
+    else:
+        f = lambda x: soft_ce(x, jnp.eye(3)[jnp.array([0, 1])], z_loss=0.1)  # noqa: E731
+    loss, vjp = jax.vjp(f, logits)
+    assert loss[0] == np.inf
+    (grad,) = vjp(jnp.ones(2))
+    np.testing.assert_array_equal(grad[0], [np.inf, 0.0, 0.0])
+    p = ref.softmax(logits[1])  # the finite row: softmax - onehot + 2 z lse softmax
+    lse = ref.logsumexp(logits[1])
+    np.testing.assert_allclose(grad[1], p - np.eye(3)[1] + 0.2 * lse * p, rtol=1e-5)
+    (grad,) = vjp(jnp.array([0.0, 1.0]))  # a zero cotangent: zero gradient, not NaN
+    np.testing.assert_array_equal(grad[0], 0.0)

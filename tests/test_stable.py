@@ -204,3 +204,44 @@ def test_long_rows_use_no_logits_sized_temporary():
     ):
         analysis = jax.jit(fn).lower(x).compile().memory_analysis()
         assert analysis.temp_size_in_bytes < row_bytes
+
+
+# XLA:CPU's fused kernels (used from about 64 x 1024 float32 up) skip NaN in max and
+# min, so a NaN row must come out NaN through other paths: these layouts use them.
+NAN_LAYOUTS = [((64, 1024), -1), ((24, 11, 16), 1), ((5000, 2), 0), ((4, LONG), -1)]
+ALL_FUNCTIONS = [*FUNCTIONS, "softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
+
+
+def with_nan_rows(rng, shape, axis):
+    """Random logits with a NaN first in one row and last in another, and those rows."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    rows = np.moveaxis(x, axis, -1)  # a view: writes land in x
+    flat = rows.reshape(-1, rows.shape[-1])
+    flat[1, 0] = np.nan
+    flat[-1, -1] = np.nan
+    rows[...] = flat.reshape(rows.shape)
+    return x, np.isnan(x).any(axis=axis)
+
+
+def call(name, x, axis, rng):
+    f = getattr(jsoftmax, name)
+    if name == "softmax_cross_entropy":
+        labels = jnp.asarray(ref.softmax(rng.standard_normal(x.shape), axis=axis), jnp.float32)
+        return lambda x: f(x, labels, axis=axis)
+    if name == "softmax_cross_entropy_with_integer_labels":
+        labels = rng.integers(0, x.shape[axis], np.delete(x.shape, axis % x.ndim))
+        return lambda x: f(x, jnp.asarray(labels), axis=axis)
+    return lambda x: f(x, axis=axis)
+
+
+@pytest.mark.parametrize("shape, axis", NAN_LAYOUTS)
+@pytest.mark.parametrize("name", ALL_FUNCTIONS)
+def test_nan_rows_stay_nan_in_xla_cpu_fused_kernels(name, shape, axis, rng):
+    x, nan_rows = with_nan_rows(rng, shape, axis)
+    f = jax.jit(call(name, x, axis, rng))
+    out, vjp = jax.vjp(f, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(rng.standard_normal(out.shape), out.dtype))
+    row_nan_in_x = np.broadcast_to(np.expand_dims(nan_rows, axis), x.shape)
+    expected_out_nan = nan_rows if out.shape == nan_rows.shape else row_nan_in_x
+    np.testing.assert_array_equal(np.isnan(out), expected_out_nan)
+    np.testing.assert_array_equal(np.isnan(dx), row_nan_in_x)
