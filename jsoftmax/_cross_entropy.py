@@ -159,11 +159,16 @@ def _z_term(config, lse):
     return config.z_loss * lse * lse if config.z_loss else 0.0
 
 
-def _times_scale(g, scale, config):
-    """``g * scale`` per row; 0 where ``g`` is, with a z-loss (inf ``scale`` in a ``+inf`` row)."""
+def _scaled_softmax(x, logit_mask, m, log_s, g, scale, config):
+    """``g * scale * softmax``, per-row ``g`` and ``scale``, for both backward passes.
+
+    With a z-loss ``scale`` is inf in a row with a ``+inf`` logit; the result is
+    then 0 where ``g`` is 0 or the probability is, not ``inf * 0 = NaN``.
+    """
     if not config.z_loss:
-        return g * scale
-    return jnp.where(g == 0, jnp.zeros_like(g), g * scale)
+        return _stable.scaled_probabilities(x, logit_mask, m, log_s, g * scale)
+    row_scale = jnp.where(g == 0, jnp.zeros_like(g), g * scale)
+    return _stable.scaled_probabilities(x, logit_mask, m, log_s, row_scale, infinite_scale=True)
 
 
 def _mean_denominator(logit_mask, example_mask, shape, axes, ignored=None, weight=None):
@@ -282,10 +287,7 @@ def _soft_bwd(config, residuals, g):
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
     x = logits.astype(dtype)
-    d_logits = _stable.scaled_probabilities(
-        x, logit_mask, m, log_s, _times_scale(g, scale, config), infinite_scale=bool(config.z_loss)
-    )
-    d_logits = d_logits - g * coefficient
+    d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config) - g * coefficient
 
     # d loss / d y_c = (1 - e) w_c (lse - z_c) on the classes taking part.
     label_scale = g * (1 - config.label_smoothing)
@@ -510,9 +512,7 @@ def _integer_bwd(config, residuals, g):
         scale = scale + share * weight_total
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
-    d_logits = _stable.scaled_probabilities(
-        x, logit_mask, m, log_s, _times_scale(g, scale, config), infinite_scale=bool(config.z_loss)
-    )
+    d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config)
     if smoothing is not None:
         d_logits = d_logits - g * share * class_weight
     d_logits = _subtract_at_labels(d_logits, g * label_coefficient, label_index, axes)

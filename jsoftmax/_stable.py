@@ -60,10 +60,9 @@ def _min_keeping_nan(bound: jax.Array, x: jax.Array) -> jax.Array:
     XLA:CPU's fused kernels compute ``min(a, b)`` as x86's ``minps`` does,
     giving ``b`` when either is NaN (openxla/xla#21461 is the same for max),
     and XLA moves a constant operand to the right, which would turn a NaN
-    logit into ``bound``. Passed in as an
-    argument of this call, which XLA inlines after that, the bound stays on
-    the left. ``tests/test_stable.py`` checks NaN rows at sizes that use
-    those kernels.
+    logit into ``bound``. Passed in as an argument of this call, which XLA
+    inlines after that, the bound stays on the left. ``tests/test_stable.py``
+    checks NaN rows at sizes that use those kernels.
     """
     return lax.min(bound, x)
 

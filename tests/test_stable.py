@@ -216,10 +216,8 @@ def with_nan_rows(rng, shape, axis):
     """Random logits with a NaN first in one row and last in another, and those rows."""
     x = rng.standard_normal(shape).astype(np.float32)
     rows = np.moveaxis(x, axis, -1)  # a view: writes land in x
-    flat = rows.reshape(-1, rows.shape[-1])
-    flat[1, 0] = np.nan
-    flat[-1, -1] = np.nan
-    rows[...] = flat.reshape(rows.shape)
+    rows[(*np.unravel_index(1, rows.shape[:-1]), 0)] = np.nan
+    rows[..., -1].flat[-1] = np.nan
     return x, np.isnan(x).any(axis=axis)
 
 
