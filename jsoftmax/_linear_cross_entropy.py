@@ -25,9 +25,9 @@ How it works (all of it plain ``jnp``/``lax``, no custom kernels):
   logit tile, weighting row ``i`` of the gradient tile by the cotangent of
   example ``i``. This is exact for any cotangent, at the cost of one extra
   matmul.
-* ``dw`` is accumulated in place in a ``[D, C]`` loop carry, one block of
-  columns at a time, so no second ``[D, C]`` temporary is made; ``dx`` rows are
-  written once per chunk.
+* ``dw`` is accumulated in place in a ``[D, C]`` loop carry (on XLA:CPU one
+  block of columns at a time, which stays in cache), so no second ``[D, C]``
+  temporary is made; ``dx`` rows are written once per chunk.
 
 Only the gradients of the inputs that are differentiated are computed (the
 custom VJP uses symbolic zeros), so a frozen ``w`` costs no ``dw`` matmul.
@@ -55,6 +55,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
+from jsoftmax import _stable
 from jsoftmax._validation import (
     as_bool_mask,
     as_float_array,
@@ -288,9 +289,16 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, lse_saved, need_x, need_w, need_b
             new = old + _dot(x_c, g_k, 0, 0, acc)
             return lax.dynamic_update_slice_in_dim(dw, new, col, axis=1)
 
-        if n_blocks == 1:
+        def whole(dw, x_c, g):
             return dw + _dot(x_c, g, 0, 0, acc)
-        return lax.fori_loop(0, n_blocks, inner, dw)
+
+        if n_blocks == 1:
+            return whole(dw, x_c, g)
+        # Blocks keep XLA:CPU's update in cache; on a GPU each loop step costs
+        # more than the one large matmul.
+        return _stable.by_backend(
+            dw, x_c, g, cpu=lambda dw, *_: lax.fori_loop(0, n_blocks, inner, dw), other=whole
+        )
 
     def body(i, carry):
         rows, dx, dw, db = carry

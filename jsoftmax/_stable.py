@@ -23,11 +23,17 @@ by a branch that runs only when some row has one:
   Nothing relies on ``m`` being NaN: XLA:CPU's fused max skips NaN (and its
   min with a constant, which ``_min_keeping_nan`` works around).
 
-Rows longer than 128 KiB stop fitting in cache in that loop (about 3x
-slower on CPU), so they are reduced in blocks of at most 32 KiB, a reshape
+On XLA:CPU, rows longer than 128 KiB stop fitting in cache in that loop (about 3x
+slower), so they are reduced in blocks of at most 32 KiB, a reshape
 of the input, and the blocks' maxima and sums combined. Masking and casting
 happen after the reshape, inside the functions here: done by the caller
 before it, XLA would write the masked logits out in full.
+
+Those forms are XLA:CPU's. On a GPU a ``lax.cond`` costs a copy of its
+predicate to the host and a sync, and reductions do not slow down on long
+rows, so ``by_backend`` (chosen when lowering) gives the other backends
+branch-free forms: the ``+inf`` count and the exact losses always computed,
+rows reduced whole.
 """
 
 from __future__ import annotations
@@ -40,6 +46,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
+
+
+def by_backend(*args, cpu, other):
+    """``cpu(*args)`` when compiled for XLA:CPU, ``other(*args)`` for GPU and TPU.
+
+    The choice is made when lowering (``lax.platform_dependent``), so the
+    compiled program holds one of them and no branch. The CPU forms are tuned
+    to XLA:CPU's fusion; on a GPU a ``lax.cond`` costs a device-to-host copy of
+    its predicate and a sync, and a loop step a launch or more, so the other
+    forms compute without them.
+    """
+    return lax.platform_dependent(*args, cpu=cpu, default=other)
 
 
 def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -101,8 +119,10 @@ def row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     """``s``, with the rows where ``m = +inf`` set to their number of ``+inf`` entries.
 
-    The branch takes the raw ``x`` and ``mask``: a branch operand is a
-    buffer, and the masked, cast logits would otherwise be written out.
+    On XLA:CPU the count runs only when some row has a ``+inf``; the branch
+    takes the raw ``x`` and ``mask``: a branch operand is a buffer, and the
+    masked, cast logits would otherwise be written out. Elsewhere it always
+    runs, next to the sum.
     """
 
     def count_infinite(x, mask, m, s):
@@ -116,7 +136,15 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     def keep(x, mask, m, s):
         return s
 
-    return lax.cond(jnp.any(m == jnp.inf), count_infinite, keep, x, mask, m, s)
+    def when_needed(x, mask, m, s):
+        return lax.cond(jnp.any(m == jnp.inf), count_infinite, keep, x, mask, m, s)
+
+    def always(x, mask, m, s):
+        is_inf = masked_in(x, mask, dtype) == jnp.inf
+        count = jnp.sum(is_inf.astype(dtype), axis=axes, keepdims=True)
+        return jnp.where(m == jnp.inf, count, s)
+
+    return by_backend(x, mask, m, s, cpu=when_needed, other=always)
 
 
 def masked_in(x: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
@@ -137,12 +165,16 @@ def _max_in_own_dtype(x, mask, axes: tuple[int, ...], dtype) -> jax.Array:
 def _max_and_sum(dtype, axes: tuple[int, ...], x: jax.Array, *mask: jax.Array):
     """Max and sum-exp of ``masked_in(x, mask, dtype)``; ``mask`` is optional, ``x``'s shape."""
     mask = mask[0] if mask else None
-    block = _block_size(x.shape, dtype, axes)
-    if block is None:
+
+    def whole(x, mask):
         m = _max_in_own_dtype(x, mask, axes, dtype)
         s = jnp.sum(jnp.exp(masked_in(x, mask, dtype) - m), axis=axes, keepdims=True)
-    else:
-        m, s = _max_and_sum_by_blocks(x, mask, axes, block, dtype)
+        return m, s
+
+    def by_blocks(x, mask, block):
+        return _max_and_sum_by_blocks(x, mask, axes, block, dtype)
+
+    m, s = _by_row_length(x, mask, axes, dtype, whole, by_blocks)
     return m, _count_infinite_if_any(x, mask, dtype, m, s, axes)
 
 
@@ -182,6 +214,18 @@ def _block_size(shape: tuple[int, ...], dtype, axes: tuple[int, ...]) -> int | N
         if row_length % block == 0:
             return block
     return None
+
+
+def _by_row_length(x, mask, axes: tuple[int, ...], dtype, whole, by_blocks):
+    """``whole(x, mask)``, or on XLA:CPU ``by_blocks(x, mask, block)`` for rows too long for it.
+
+    Off XLA:CPU rows are reduced whole: a GPU's reductions do not slow down on
+    long rows, and the blocks' extra pass made them slower there.
+    """
+    block = _block_size(x.shape, dtype, axes)
+    if block is None:
+        return whole(x, mask)
+    return by_backend(x, mask, cpu=functools.partial(by_blocks, block=block), other=whole)
 
 
 def _max_and_sum_by_blocks(x, mask, axes: tuple[int, ...], block: int, dtype, clamp=False):
@@ -312,25 +356,33 @@ def softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtyp
     1) and 1 in an empty row, whose entries are all 0. Rows too long for the
     one loop take their statistics block by block first.
     """
-    clamped = _clamped_in(x, mask, dtype)
-    block = _block_size(x.shape, dtype, axes)
-    if block is not None:
+
+    def whole(x, mask):
+        clamped = _clamped_in(x, mask, dtype)
+        exps = jnp.exp(clamped - row_max(clamped, axes))
+        return exps / _at_least_one(jnp.sum(exps, axis=axes, keepdims=True))
+
+    def by_blocks(x, mask, block):
         m, divisor = _clamped_stats_by_blocks(x, mask, axes, dtype, block)
-        return jnp.exp(clamped - m) / divisor
-    exps = jnp.exp(clamped - row_max(clamped, axes))
-    return exps / _at_least_one(jnp.sum(exps, axis=axes, keepdims=True))
+        return jnp.exp(_clamped_in(x, mask, dtype) - m) / divisor
+
+    return _by_row_length(x, mask, axes, dtype, whole, by_blocks)
 
 
 def log_softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtype) -> jax.Array:
     """log_softmax of ``masked_in(x, mask, dtype)``, computed as ``softmax_of`` is."""
-    clamped = _clamped_in(x, mask, dtype)
-    block = _block_size(x.shape, dtype, axes)
-    if block is not None:
+
+    def whole(x, mask):
+        clamped = _clamped_in(x, mask, dtype)
+        shifted_logits = clamped - row_max(clamped, axes)
+        s = jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True)
+        return shifted_logits - jnp.log(_at_least_one(s))
+
+    def by_blocks(x, mask, block):
         m, divisor = _clamped_stats_by_blocks(x, mask, axes, dtype, block)
-        return (clamped - m) - jnp.log(divisor)
-    shifted_logits = clamped - row_max(clamped, axes)
-    s = jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True)
-    return shifted_logits - jnp.log(_at_least_one(s))
+        return (_clamped_in(x, mask, dtype) - m) - jnp.log(divisor)
+
+    return _by_row_length(x, mask, axes, dtype, whole, by_blocks)
 
 
 def shift_of(m: jax.Array) -> jax.Array:
@@ -425,18 +477,21 @@ def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -
     For formulas XLA fuses into one loop only without guards: ``fast`` may
     give NaN on the edge rows (empty, ``+inf``, ``0 * -inf``), and ``exact``,
     which handles them, runs only when some row needs it, a chunk of rows at
-    a time (its memory is reserved even when it does not run). Like the
-    statistics above it stays one call under ``vmap``, and its derivatives
-    are those of ``exact``.
+    a time (its memory is reserved even when it does not run). Off XLA:CPU
+    ``exact`` alone runs, with no branch. Like the statistics above it stays
+    one call under ``vmap``, and its derivatives are those of ``exact``.
     """
 
     def pick(axes, *arrays):
-        out = fast(axes, *arrays)
+        def fast_then_redo(*arrays):
+            out = fast(axes, *arrays)
 
-        def redo(arrays, out):
-            return jnp.where(jnp.isnan(out), _by_row_chunks(exact, axes, *arrays), out)
+            def redo(arrays, out):
+                return jnp.where(jnp.isnan(out), _by_row_chunks(exact, axes, *arrays), out)
 
-        return lax.cond(jnp.any(jnp.isnan(out)), redo, lambda arrays, out: out, arrays, out)
+            return lax.cond(jnp.any(jnp.isnan(out)), redo, lambda arrays, out: out, arrays, out)
+
+        return by_backend(*arrays, cpu=fast_then_redo, other=lambda *a: exact(axes, *a))
 
     @jax.custom_jvp
     def differentiable(*arrays):

@@ -25,6 +25,7 @@ Prints the machine, the device and a markdown table; writes ``results.md`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -32,7 +33,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -48,7 +48,7 @@ __all__ = ["main"]
 MiB = 2**20
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Sizes:
     """What one run measures."""
 
@@ -129,7 +129,7 @@ def _run(fn: Callable, args: Sequence, number: int) -> float:
     return (time.perf_counter() - start) / number
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Timing:
     ours_s: float  # median seconds per call
     theirs_s: float
@@ -396,8 +396,19 @@ def main(argv: list[str] | None = None) -> int:
         help="alternating rounds per comparison (default 15, or 3 with --quick; "
         "the fused comparisons use at most 5)",
     )
+    parser.add_argument(
+        "--array-mib",
+        type=int,
+        default=None,
+        help="MiB of one float32 [N, C] input of the standalone table (default 32): "
+        "N = this / (4 C); larger keeps a fast device busy longer than one dispatch",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.array_mib is not None:
+        if args.array_mib < 1:
+            parser.error(f"--array-mib must be at least 1, got {args.array_mib}")
+        sizes = dataclasses.replace(sizes, array_bytes=args.array_mib * MiB)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
     if repeats < 1:
         parser.error(f"--repeats must be at least 1, got {repeats}")

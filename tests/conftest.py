@@ -15,3 +15,20 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(params=["this backend", "other backends"])
+def backend_forms(request, monkeypatch):
+    """Runs a test twice: with this backend's forms, then with the GPU/TPU forms forced.
+
+    ``_stable.by_backend`` picks XLA:CPU's or the other backends' form of a
+    computation when lowering; forcing the latter runs the GPU code here, so a CPU
+    machine tests both.
+    """
+    from jsoftmax import _stable
+
+    if request.param == "other backends":
+        monkeypatch.setattr(_stable, "by_backend", lambda *args, cpu, other: other(*args))
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()

@@ -31,5 +31,18 @@ def test_bad_arguments_exit_with_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--repeats", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--array-mib", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         bench.main(["--no-such-flag"])
+
+
+def test_array_mib_sets_the_rows_of_the_standalone_table(tmp_path, capsys):
+    assert (
+        bench.main(["--quick", "--repeats", "1", "--array-mib", "1", "--out", str(tmp_path)]) == 0
+    )
+    markdown = capsys.readouterr().out
+    # 1 MiB of float32 at 16 and 256 classes: 16384 and 1024 rows
+    assert "| softmax | jax.nn | 16 | 16384 |" in markdown
+    assert "| softmax | jax.nn | 256 | 1024 |" in markdown

@@ -78,7 +78,9 @@ def test_integer_labels_match_pytorch_definitions(
 
 
 @pytest.mark.parametrize("use_weights, smoothing, reduction", SOFT_OPTIONS)
-def test_soft_labels_match_pytorch_definitions(use_weights, smoothing, reduction, rng):
+def test_soft_labels_match_pytorch_definitions(
+    backend_forms, use_weights, smoothing, reduction, rng
+):
     logits, _, weights, probs = random_problem(rng)
     weight = weights if use_weights else None
     kwargs = dict(class_weights=weight, label_smoothing=smoothing, reduction=reduction)
@@ -197,7 +199,7 @@ def test_z_loss_adds_squared_logsumexp_and_its_gradient(z_loss, integer, rng):
      ((2, 3, 4, 5), (3, 1)), ((2, 3, 4, 5), (-1, -2))],
 )  # fmt: skip
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2, 1e4])
-def test_both_losses_over_shapes_axes_and_scales(shape, axis, scale, rng):
+def test_both_losses_over_shapes_axes_and_scales(backend_forms, shape, axis, scale, rng):
     logits = (rng.standard_normal(shape) * scale).astype(np.float32)
     axes = (axis,) if isinstance(axis, int) else axis
     flat = ref.move_classes_last(logits, axes)
@@ -423,7 +425,7 @@ def test_minus_inf_logit_with_positive_label_is_inf_with_finite_gradient():
 
 
 @pytest.mark.parametrize("case", ["all_minus_inf", "fully_masked"])
-def test_empty_rows_give_zero_loss_and_zero_gradient(case):
+def test_empty_rows_give_zero_loss_and_zero_gradient(backend_forms, case):
     logits = jnp.array([[-jnp.inf, -jnp.inf, -jnp.inf], [1.0, 2.0, 3.0]])
     where = None
     if case == "fully_masked":
@@ -442,7 +444,7 @@ def test_empty_rows_give_zero_loss_and_zero_gradient(case):
         assert np.all(np.isfinite(grad))
 
 
-def test_masked_examples_give_zero_loss_and_gradient_even_with_nan_logits():
+def test_masked_examples_give_zero_loss_and_gradient_even_with_nan_logits(backend_forms):
     logits = jnp.array([[jnp.nan, 1.0], [1.0, 2.0]])
     where = jnp.array([False, True])
     for f in (
@@ -469,7 +471,7 @@ def test_huge_logits_give_limiting_values():
     assert not np.isnan(loss)
 
 
-def test_plus_inf_logit_gives_limits_without_nan():
+def test_plus_inf_logit_gives_limits_without_nan(backend_forms):
     logits = jnp.array([[jnp.inf, 0.0, 1.0]])
     loss, grad = jax.value_and_grad(lambda x: int_ce(x, jnp.array([0])).sum())(logits)
     assert loss == 0.0
@@ -479,7 +481,7 @@ def test_plus_inf_logit_gives_limits_without_nan():
     np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0]])
 
 
-def test_nan_logit_makes_its_example_nan():
+def test_nan_logit_makes_its_example_nan(backend_forms):
     logits = jnp.array([[1.0, jnp.nan, 0.0], [1.0, 2.0, 3.0]])
     for f in (
         lambda x: int_ce(x, jnp.array([0, 1])),
@@ -658,7 +660,7 @@ def _edge_rows():
     return logits, labels, expected
 
 
-def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap():
+def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap(backend_forms):
     logits, labels, expected = _edge_rows()
     eager = soft_ce(logits, labels)
     jitted = jax.jit(soft_ce)(logits, labels)
@@ -669,7 +671,7 @@ def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap():
         assert not np.any(np.isnan(result))
 
 
-def test_soft_labels_edge_rows_among_many_rows():
+def test_soft_labels_edge_rows_among_many_rows(backend_forms):
     """Past 256 KiB the exact redo runs a chunk of rows at a time: same limits."""
     logits, labels, expected = _edge_rows()
     logits, labels = np.tile(logits, (4000, 1)), np.tile(labels, (4000, 1))
@@ -726,7 +728,7 @@ def test_label_smoothing_sums_huge_logit_gaps_without_overflow():
     assert ref.rel_err(soft_ce(jnp.asarray(logits), labels, label_smoothing=0.3), expected) < 1e-5
 
 
-def test_plus_inf_logit_limits_for_labels_on_finite_classes():
+def test_plus_inf_logit_limits_for_labels_on_finite_classes(backend_forms):
     # A +inf logit takes all the probability: a finite class has log-probability -inf.
     logits = jnp.array([[jnp.inf, 0.0, 1.0]])
     labels = jnp.array([[0.0, 1.0, 0.0]])
@@ -741,7 +743,7 @@ def test_plus_inf_logit_limits_for_labels_on_finite_classes():
 
 
 @pytest.mark.parametrize("loss_fn", ["int", "soft"])
-def test_z_loss_gradient_at_plus_inf_logit_is_its_limit(loss_fn):
+def test_z_loss_gradient_at_plus_inf_logit_is_its_limit(backend_forms, loss_fn):
     # 2 z lse softmax -> [inf, 0, 0]: inf * 0 must not become NaN.
     logits = jnp.array([[jnp.inf, 0.0, 1.0], [1.0, 2.0, 0.5]])
     if loss_fn == "int":

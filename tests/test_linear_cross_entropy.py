@@ -155,7 +155,7 @@ def grads_of(fn, x, w, b, labels, cotangent=None, **kwargs):
         ((1,), 8, 1, None),  # a single class
     ],
 )
-def test_matches_optax_on_the_full_logits(rng, batch, d, c, chunk_size):
+def test_matches_optax_on_the_full_logits(backend_forms, rng, batch, d, c, chunk_size):
     x, w, b, labels = problem(rng, batch, d, c)
 
     def ours(x, w, b):
@@ -202,7 +202,7 @@ OPTION_GRID = [
 
 
 @pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(map(str, o.values())))
-def test_options_match_both_references(rng, options):
+def test_options_match_both_references(backend_forms, rng, options):
     options = dict(options)
     skip, bias = options.pop("skip"), options.pop("bias")
     x, w, b, labels = problem(rng, (29,), 12, 70, scale=0.5, bias=bias)
@@ -328,7 +328,7 @@ def test_all_examples_skipped_gives_zero_not_nan(rng):
     assert rows.shape == (6,) and np.all(np.asarray(rows) == 0.0)
 
 
-def test_masked_rows_get_exact_zero_even_if_not_finite(rng):
+def test_masked_rows_get_exact_zero_even_if_not_finite(backend_forms, rng):
     x, w, b, labels = problem(rng, (6,), 4, 9)
     x[2] = np.inf
     where = np.ones(6, bool)

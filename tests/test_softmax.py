@@ -52,7 +52,7 @@ def test_value_and_gradient_match_float64_reference(name, shape, axis, scale, rn
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("mask_kind", ["per_logit", "per_row", "broadcast"])
-def test_masked_value_and_gradient_match_reference(name, mask_kind, rng):
+def test_masked_value_and_gradient_match_reference(backend_forms, name, mask_kind, rng):
     x = rng.standard_normal((6, 8)).astype(np.float32) * 5
     if mask_kind == "per_logit":
         where = rng.random((6, 8)) < 0.6
@@ -278,7 +278,7 @@ def test_float32_max_does_not_overflow():
     assert np.all(np.isfinite(jax.grad(jsoftmax.logsumexp)(x)))
 
 
-def test_plus_inf_shares_probability_evenly():
+def test_plus_inf_shares_probability_evenly(backend_forms):
     x = jnp.array([jnp.inf, 0.0, jnp.inf, -jnp.inf])
     np.testing.assert_array_equal(jsoftmax.softmax(x), [0.5, 0.0, 0.5, 0.0])
     np.testing.assert_allclose(jsoftmax.log_softmax(x)[np.array([0, 2])], -np.log(2.0), rtol=1e-6)
@@ -287,7 +287,7 @@ def test_plus_inf_shares_probability_evenly():
 
 
 @pytest.mark.parametrize("case", ["all_minus_inf", "fully_masked"])
-def test_empty_row_gives_zero_minus_inf_and_zero_gradient(case):
+def test_empty_row_gives_zero_minus_inf_and_zero_gradient(backend_forms, case):
     x = jnp.array([[-jnp.inf, -jnp.inf, -jnp.inf], [1.0, 2.0, 3.0]])
     where = None
     if case == "fully_masked":
@@ -317,7 +317,7 @@ def test_minus_inf_entry_takes_no_probability_and_keeps_gradients_finite():
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
-def test_nan_makes_its_row_nan_and_only_its_row(name):
+def test_nan_makes_its_row_nan_and_only_its_row(backend_forms, name):
     x = jnp.array([[1.0, jnp.nan, 2.0], [1.0, 2.0, 3.0]])
     out = jsoftmax_function(name)(x)
     assert np.all(np.isnan(out[0]))
@@ -420,7 +420,7 @@ def test_logsumexp_keepdims_and_tuple_axes(rng):
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
-def test_edge_rows_under_vmap_match_the_unbatched_call(name):
+def test_edge_rows_under_vmap_match_the_unbatched_call(backend_forms, name):
     """Empty, single-entry and +inf rows take the rare exact branch; vmap keeps it rare."""
     fn = getattr(jsoftmax, name)
     inf = np.inf

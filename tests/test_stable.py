@@ -49,7 +49,7 @@ def test_block_length_divides_the_row_and_fits_32_kib():
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
-def test_values_and_gradients_match_float64(name, rng):
+def test_values_and_gradients_match_float64(backend_forms, name, rng):
     x = long_rows(rng)
     f = getattr(jsoftmax, name)
     out, vjp = jax.vjp(f, jnp.asarray(x))
@@ -60,7 +60,7 @@ def test_values_and_gradients_match_float64(name, rng):
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
-def test_edge_rows_across_blocks(name):
+def test_edge_rows_across_blocks(backend_forms, name):
     """Empty, +inf in two blocks, NaN in one block, huge: each row its limit, alone."""
     x = np.zeros((5, LONG), np.float32)
     x[0] = -np.inf
@@ -85,7 +85,7 @@ def test_edge_rows_across_blocks(name):
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("mask_kind", ["per_logit", "per_row"])
-def test_masks(name, mask_kind, rng):
+def test_masks(backend_forms, name, mask_kind, rng):
     x = long_rows(rng)
     if mask_kind == "per_logit":
         where = rng.random(x.shape) < 0.5
@@ -149,7 +149,7 @@ def cross_entropy_reference(x, labels):
 
 
 @pytest.mark.parametrize("integer", [False, True])
-def test_cross_entropy_on_long_rows(integer, rng):
+def test_cross_entropy_on_long_rows(backend_forms, integer, rng):
     x = long_rows(rng)
     rows = np.arange(3)
     labels = np.array([LONG - 3, 7, 3 * BLOCK + 1])
@@ -170,7 +170,7 @@ def test_cross_entropy_on_long_rows(integer, rng):
 
 
 @pytest.mark.parametrize("integer", [False, True])
-def test_cross_entropy_edge_rows_on_long_rows(integer):
+def test_cross_entropy_edge_rows_on_long_rows(backend_forms, integer):
     """Empty row: loss 0, gradient 0; +inf in two blocks: the limit; NaN: only its row."""
     x = np.zeros((3, LONG), np.float32)
     x[0] = -np.inf
@@ -234,7 +234,7 @@ def call(name, x, axis, rng):
 
 @pytest.mark.parametrize("shape, axis", NAN_LAYOUTS)
 @pytest.mark.parametrize("name", ALL_FUNCTIONS)
-def test_nan_rows_stay_nan_in_xla_cpu_fused_kernels(name, shape, axis, rng):
+def test_nan_rows_stay_nan_in_xla_cpu_fused_kernels(backend_forms, name, shape, axis, rng):
     x, nan_rows = with_nan_rows(rng, shape, axis)
     f = jax.jit(call(name, x, axis, rng))
     out, vjp = jax.vjp(f, jnp.asarray(x))
