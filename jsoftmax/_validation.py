@@ -167,18 +167,20 @@ def reduce_losses(
 ) -> jax.Array:
     """Applies ``reduction``; ``"mean"`` divides by ``denominator`` (0 when it is 0).
 
-    Without a denominator, ``"mean"`` divides by the number of losses.
+    Without a denominator, ``"mean"`` divides by the number of losses. The mean
+    divides each loss before summing, so it is finite whenever it is
+    representable (a sum first overflows from about ``3.4e38 / N`` per example).
     """
     if reduction == "none":
         return losses
-    total = jnp.sum(losses)
     if reduction == "sum":
-        return total
+        return jnp.sum(losses)
     if denominator is None:
         denominator = jnp.asarray(losses.size, losses.dtype)
     denominator = denominator.astype(losses.dtype)
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
-    return jnp.where(denominator == 0, jnp.zeros_like(total), total / safe)
+    mean = jnp.sum(losses / safe)
+    return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
 
 
 def check_labels_in_range(

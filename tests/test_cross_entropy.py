@@ -162,6 +162,20 @@ def test_mean_with_nothing_counted_is_zero_not_nan():
     assert masked == 0.0
 
 
+def test_mean_of_huge_losses_does_not_overflow():
+    """Four losses of 2e38 each: their sum overflows float32, their mean does not."""
+    logits = jnp.tile(jnp.array([[1e38, -1e38]], jnp.float32), (4, 1))
+    labels = jnp.ones(4, jnp.int32)
+    onehot = jnp.tile(jnp.array([[0.0, 1.0]], jnp.float32), (4, 1))
+    for loss, grad in (
+        jax.value_and_grad(lambda x: int_ce(x, labels, reduction="mean"))(logits),
+        jax.value_and_grad(lambda x: soft_ce(x, onehot, reduction="mean"))(logits),
+    ):
+        np.testing.assert_allclose(loss, 2e38, rtol=1e-6)
+        np.testing.assert_allclose(grad, np.tile([[0.25, -0.25]], (4, 1)), rtol=1e-6)
+    assert int_ce(logits, labels, reduction="sum") == np.inf  # the sum itself does overflow
+
+
 def test_mean_uses_the_class_weights_of_counted_examples(rng):
     logits, labels, weights, _ = random_problem(rng)
     where = np.arange(len(labels)) % 3 != 0
