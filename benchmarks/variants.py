@@ -39,39 +39,6 @@ from jsoftmax.bench import (
 )
 
 
-def blocks_table(classes: int, array_bytes: int, repeats: int) -> list[str]:
-    n = max(1, array_bytes // (4 * classes))
-    cases = _standalone_cases(classes, n, jax.random.PRNGKey(0))
-    lines = [
-        f"### Long rows: block path on / off (C={classes}, N={n})",
-        "",
-        "| function | fwd on | fwd off | fwd+bwd on | fwd+bwd off |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    default_threshold = _stable._LONGEST_ROW_BYTES
-    for name, ours, theirs, args in cases:
-        cotangent = jax.random.normal(jax.random.PRNGKey(1), jax.eval_shape(theirs, *args).shape)
-        ratios = {}
-        for mode, threshold in (("on", default_threshold), ("off", 2**62)):
-            _stable._LONGEST_ROW_BYTES = threshold
-            jax.clear_caches()
-            ratios["fwd", mode] = compare(jax.jit(ours), jax.jit(theirs), args, repeats, 0.05).ratio
-            ratios["bwd", mode] = compare(
-                _forward_and_backward(ours, cotangent),
-                _forward_and_backward(theirs, cotangent),
-                args,
-                repeats,
-                0.05,
-            ).ratio
-        _stable._LONGEST_ROW_BYTES = default_threshold
-        jax.clear_caches()
-        lines.append(
-            f"| {name} | {ratios['fwd', 'on']:.3f} | {ratios['fwd', 'off']:.3f} "
-            f"| {ratios['bwd', 'on']:.3f} | {ratios['bwd', 'off']:.3f} |"
-        )
-    return lines
-
-
 @contextlib.contextmanager
 def patched(module, name, value):
     """``module.name = value`` inside the block, with the jit caches cleared around it."""
@@ -90,44 +57,48 @@ def _cpu_forms(*args, cpu, other):
     return cpu(*args)
 
 
-def forms_table(classes: int, array_bytes: int, repeats: int) -> list[str]:
+def standalone_table(title: str, classes: int, array_bytes: int, repeats: int, variants):
+    """Ratios to jax.nn / optax of the four functions, fwd and fwd+bwd, under each variant.
+
+    ``variants`` maps a column label to a context manager factory that sets it up.
+    """
     n = max(1, array_bytes // (4 * classes))
     cases = _standalone_cases(classes, n, jax.random.PRNGKey(0))
+    columns = [f"{mode} ({label})" for mode in ("fwd", "fwd+bwd") for label in variants]
     lines = [
-        f"### Backend forms vs XLA:CPU forms (C={classes}, N={n}), ratios to jax.nn / optax",
+        f"### {title} (C={classes}, N={n}), ratios to jax.nn / optax",
         "",
-        "| function | fwd | fwd (CPU forms) | fwd (no debug_check) "
-        "| fwd+bwd | fwd+bwd (CPU forms) | fwd+bwd (no debug_check) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| function | " + " | ".join(columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
     ]
-    variants = {
-        "": contextlib.nullcontext,
-        "cpu": lambda: patched(_stable, "by_backend", _cpu_forms),
-        "nocheck": lambda: patched(_cross_entropy, "check_labels_in_range", lambda *a: None),
-    }
     for name, ours, theirs, args in cases:
         cotangent = jax.random.normal(jax.random.PRNGKey(1), jax.eval_shape(theirs, *args).shape)
-        cells = {}
-        for label, context in variants.items():
+        forward, both = [], []
+        for context in variants.values():
             with context():
-                cells["fwd", label] = compare(
-                    jax.jit(ours), jax.jit(theirs), args, repeats, 0.05
-                ).ratio
-                cells["bwd", label] = compare(
-                    _forward_and_backward(ours, cotangent),
-                    _forward_and_backward(theirs, cotangent),
-                    args,
-                    repeats,
-                    0.05,
-                ).ratio
-        lines.append(
-            f"| {name} | "
-            + " | ".join(
-                f"{cells[mode, label]:.3f}" for mode in ("fwd", "bwd") for label in variants
-            )
-            + " |"
-        )
+                forward.append(compare(jax.jit(ours), jax.jit(theirs), args, repeats, 0.05))
+                both.append(
+                    compare(
+                        _forward_and_backward(ours, cotangent),
+                        _forward_and_backward(theirs, cotangent),
+                        args,
+                        repeats,
+                        0.05,
+                    )
+                )
+        lines.append(f"| {name} | " + " | ".join(f"{t.ratio:.3f}" for t in forward + both) + " |")
     return lines
+
+
+FORMS = {
+    "this backend": contextlib.nullcontext,
+    "XLA:CPU forms": lambda: patched(_stable, "by_backend", _cpu_forms),
+    "no debug_check": lambda: patched(_cross_entropy, "check_labels_in_range", lambda *a: None),
+}
+BLOCKS = {
+    "blocks on": contextlib.nullcontext,
+    "blocks off": lambda: patched(_stable, "_LONGEST_ROW_BYTES", 2**62),
+}
 
 
 def _unrolled_lax():
@@ -183,15 +154,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--array-mib", type=int, default=32)
     args = parser.parse_args()
-    info = machine_info()
-    lines = [f"- {key}: {value}" for key, value in info.items()] + [""]
+    array_bytes = args.array_mib * MiB
+
+    def show(lines: list[str]) -> None:
+        print("\n".join(lines) + "\n", flush=True)
+
+    show([f"- {key}: {value}" for key, value in machine_info().items()])
     for classes in (1024, 131072):
-        lines += forms_table(classes, args.array_mib * MiB, args.repeats) + [""]
-        print("\n".join(lines), flush=True)
-    lines += blocks_table(131072, args.array_mib * MiB, args.repeats) + [""]
+        show(standalone_table("Forms", classes, array_bytes, args.repeats, FORMS))
+    show(standalone_table("Long-row blocks", 131072, array_bytes, args.repeats, BLOCKS))
     for shape in ((2048, 512, 32768), (4096, 512, 65536)):
-        lines += chunks_table(shape, [128, 256, 512, 1024], args.repeats) + [""]
-    print("\n".join(lines))
+        show(chunks_table(shape, [128, 256, 512, 1024], args.repeats))
 
 
 if __name__ == "__main__":
