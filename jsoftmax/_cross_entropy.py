@@ -147,11 +147,17 @@ def _finite_logsumexp(m, log_s):
 
 
 def _label_shifted(label_logit, m):
-    """``z_y - m`` for the label's logit, which may exceed ``m`` if the label is masked."""
+    """``z_y - m`` for the label's logit, which may exceed ``m`` if the label is masked.
+
+    In a row with a ``+inf`` logit, a ``+inf`` label logit gives 0 (it shares the
+    probability) and a finite one ``-inf``; a masked ``+inf`` label in a finite row
+    gives ``+inf`` (the loss is then ``-inf``, as optax's), a NaN label logit NaN.
+    """
+    row_has_inf = m == jnp.inf
     difference = label_logit - _stable.shift_of(m)
-    difference = jnp.where(difference == jnp.inf, jnp.zeros_like(difference), difference)
-    # In a row with a +inf logit every finite logit has log-probability -inf.
-    finite_under_inf = (m == jnp.inf) & (label_logit != jnp.inf)
+    shares_inf = row_has_inf & (difference == jnp.inf)
+    difference = jnp.where(shares_inf, jnp.zeros_like(difference), difference)
+    finite_under_inf = row_has_inf & (label_logit < jnp.inf)
     return jnp.where(finite_under_inf, jnp.full_like(difference, -jnp.inf), difference)
 
 

@@ -80,7 +80,8 @@ def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None
 
     Note:
       A row that is empty, all ``-inf`` or fully masked gives 0 (never NaN).
-      ``+inf`` entries share the probability evenly, as the limit does. A NaN
+      ``+inf`` entries share the probability evenly, as the limit does (a
+      finite logit equal to the largest float is counted as one). A NaN
       in a row makes that row NaN. bfloat16 and float16 are computed in
       float32 and returned in their own dtype. The gradient is the closed form
       ``a * (g - sum(g * a))`` and saves only the output ``a``; being a
@@ -149,9 +150,11 @@ def log_softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = 
       Masked entries and ``-inf`` logits give ``-inf``; a row that is empty,
       all ``-inf`` or fully masked gives ``-inf`` everywhere and a zero
       gradient. ``+inf`` entries share the probability: ``-log(k)`` for ``k``
-      of them, and the row's finite entries get the most negative finite
-      value where the limit is ``-inf`` (telling them apart would cost a pass
-      over the row; their ``exp`` is 0 either way). A NaN makes its row NaN.
+      of them, and the row's finite entries ``x`` get ``x - f``, ``f`` the
+      largest finite float, where the limit is ``-inf`` (telling them apart
+      would cost a pass over the row; their ``exp`` is 0 either way, except
+      for a logit equal to ``f``, which shares with the ``+inf`` entries). A
+      NaN makes its row NaN.
       16-bit floats are computed in float32 and returned in their own dtype.
       The gradient is the closed form ``g - exp(o) * sum(g)`` from the output
       ``o`` (and the user's mask) alone; reverse mode only (``jax.jvp`` raises).

@@ -119,6 +119,10 @@ def row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     """``s``, with the rows where ``m = +inf`` set to their number of ``+inf`` entries.
 
+    A NaN entry makes the count NaN: ``s`` of a ``+inf`` row is NaN anyway
+    (``inf - inf``), so the count is what has to carry it, and XLA:CPU's fused
+    max can give ``m = +inf`` for a row holding both.
+
     On XLA:CPU the count runs only when some row has a ``+inf``; the branch
     takes the raw ``x`` and ``mask``: a branch operand is a buffer, and the
     masked, cast logits would otherwise be written out. Elsewhere it always
@@ -126,10 +130,10 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     """
 
     def count_infinite(x, mask, m, s):
-        # 1 for +inf, else 0; written with exp, which XLA:CPU fuses into the
-        # sum, where a compare-and-sum would materialise a logits-sized array.
+        # 1 for +inf, NaN for NaN, else 0; written with exp, which XLA:CPU fuses
+        # into the sum, where a compare-and-sum would materialise a logits-sized array.
         xm = masked_in(x, mask, dtype)
-        is_inf = 1 - jnp.exp(jnp.minimum(_largest(dtype) - xm, 0))
+        is_inf = 1 - jnp.exp(_min_keeping_nan(jnp.zeros((), dtype), _largest(dtype) - xm))
         count = jnp.sum(is_inf, axis=axes, keepdims=True)
         return jnp.where(m == jnp.inf, count, s)
 
@@ -140,8 +144,9 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
         return lax.cond(jnp.any(m == jnp.inf), count_infinite, keep, x, mask, m, s)
 
     def always(x, mask, m, s):
-        is_inf = masked_in(x, mask, dtype) == jnp.inf
-        count = jnp.sum(is_inf.astype(dtype), axis=axes, keepdims=True)
+        xm = masked_in(x, mask, dtype)
+        is_inf = jnp.where(jnp.isnan(xm), jnp.nan, (xm == jnp.inf).astype(dtype))
+        count = jnp.sum(is_inf, axis=axes, keepdims=True)
         return jnp.where(m == jnp.inf, count, s)
 
     return by_backend(x, mask, m, s, cpu=when_needed, other=always)
@@ -419,9 +424,13 @@ def safe_log_s(log_s: jax.Array) -> jax.Array:
 
 
 def logsumexp_from_stats(m: jax.Array, log_s: jax.Array) -> jax.Array:
-    """``m + log_s``: ``-inf`` for an empty row, ``+inf`` for a row with a ``+inf`` entry."""
+    """``m + log_s``: ``-inf`` for an empty row, ``+inf`` for a row with a ``+inf`` entry.
+
+    NaN where ``log_s`` is, also in a row with a ``+inf`` entry.
+    """
     total = shift_of(m) + log_s
-    return jnp.where(m == jnp.inf, jnp.full_like(total, jnp.inf), total)
+    row_is_inf = (m == jnp.inf) & ~jnp.isnan(log_s)
+    return jnp.where(row_is_inf, jnp.full_like(total, jnp.inf), total)
 
 
 def scaled_probabilities(

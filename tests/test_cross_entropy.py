@@ -1,6 +1,7 @@
 """Both cross-entropies against float64 PyTorch-semantics references, optax and closed forms."""
 
 import contextlib
+import functools
 import io
 import itertools
 
@@ -386,6 +387,26 @@ def test_same_values_and_gradients_as_optax(mask, axis, rng):
         )
 
 
+def test_masked_label_logit_is_read_as_given_also_when_not_finite(backend_forms):
+    """As optax: the loss is ``logsumexp(unmasked) - z_y`` even when ``z_y`` is masked."""
+    where = jnp.array([[False, True, True]])
+    cases = {
+        (5.0, 1.0, 0.0): np.log(np.e + 1) - 5.0,
+        (np.inf, 1.0, 0.0): -np.inf,
+        (np.nan, 1.0, 0.0): np.nan,
+        (np.nan, np.inf, 0.0): np.nan,  # the +inf row's count must not hide it
+    }
+    for row, expected in cases.items():
+        logits = jnp.array([row], jnp.float32)
+        got = int_ce(logits, jnp.array([0]), where=where)
+        np.testing.assert_allclose(got, [expected], rtol=1e-6)
+        if np.isfinite(row[0]):
+            optax_loss = optax.softmax_cross_entropy_with_integer_labels(
+                logits, jnp.array([0]), where=where
+            )
+            np.testing.assert_allclose(got, optax_loss, rtol=1e-6)
+
+
 # --- properties ---------------------------------------------------------------------------
 
 
@@ -396,9 +417,14 @@ def test_loss_is_non_negative_for_probability_labels(data):
     logits = data.draw(hnp.arrays(np.float32, (n, c), elements=st.floats(-1e4, 1e4, width=32)))
     raw = data.draw(hnp.arrays(np.float32, (n, c), elements=st.floats(0, 1, width=32)))
     labels = raw / np.maximum(raw.sum(-1, keepdims=True), np.float32(1e-6))
-    loss = np.asarray(soft_ce(logits, labels))
+    loss = np.asarray(jax.jit(soft_ce)(logits, labels))
     assert np.all(np.isfinite(loss))
     assert np.all(loss >= 0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _integer_label_gradient(logits, labels, smoothing):
+    return jax.grad(lambda x: jnp.sum(int_ce(x, labels, label_smoothing=smoothing)))(logits)
 
 
 @settings(max_examples=50, deadline=None)
@@ -408,7 +434,7 @@ def test_integer_label_gradient_rows_sum_to_zero(data):
     logits = data.draw(hnp.arrays(np.float32, (n, c), elements=st.floats(-100, 100, width=32)))
     labels = data.draw(hnp.arrays(np.int32, (n,), elements=st.integers(0, c - 1)))
     smoothing = data.draw(st.sampled_from([0.0, 0.3]))
-    grad = jax.grad(lambda x: jnp.sum(int_ce(x, labels, label_smoothing=smoothing)))(logits)
+    grad = _integer_label_gradient(logits, labels, smoothing)
     np.testing.assert_allclose(np.asarray(grad, np.float64).sum(-1), 0.0, atol=1e-6)
 
 
