@@ -359,6 +359,62 @@ def test_large_logits_are_stable(rng):
     assert ref.rel_err(grads[0], dx64) < TOL and ref.rel_err(grads[1], dw64) < TOL
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_gradient_is_exact_at_a_large_common_logit_level(reduction):
+    """Probabilities come from ``z - max`` and the log-sum, kept apart: ``z - lse`` would
+    round them by an ulp of the logsumexp (2e-4 relative at a level of 1e4)."""
+    x, w, labels = jnp.ones((1, 1)), jnp.array([[0.0, 1.0]]), jnp.array([0])
+    p = 1 / (1 + np.exp(-1.0))  # the softmax of [0, 1], whatever the common level
+    for level in (0.0, 1e4, 1e6):
+        b = jnp.full((2,), level, jnp.float32)
+        db = jax.grad(
+            lambda b: jnp.sum(linear_softmax_cross_entropy(x, w, labels, b, reduction=reduction))
+        )(b)
+        assert ref.rel_err(db, [-p, p]) < 1e-6, (level, db)
+
+
+def test_confident_examples_never_get_a_negative_loss(rng):
+    """``z_y`` is computed apart from the tile (rounded differently, by up to an ulp of
+    the logits); where it is the row maximum that must not make the loss negative."""
+    x = jnp.asarray(rng.standard_normal((64, 8)) * 100, jnp.float32)
+    w0 = jnp.asarray(rng.standard_normal((8, 1)), jnp.float32)
+    labels = jnp.zeros(64, jnp.int32)
+    rounding = 1e-6 * np.max(np.abs(np.asarray(x @ w0)))
+    twins = jnp.concatenate([w0, w0], axis=1)
+    exact = np.log1p(np.exp(-30.0))
+    for w, b, expected in ((w0, None, 0.0), (twins, jnp.array([0.0, -30.0]), exact)):
+        loss = np.asarray(linear_softmax_cross_entropy(x, w, labels, b, reduction="none"))
+        assert np.all(loss >= 0.0)
+        assert np.all(np.abs(loss - expected) <= rounding)
+
+
+def test_saturated_soft_cap_has_a_zero_derivative():
+    """``1 - tanh**2`` is 0 where tanh rounds to 1 (z / cap would round below 1)."""
+    x, labels = jnp.ones((1, 1)), jnp.array([2])
+    w = jnp.array([[1000.0, -1000.0, 0.0, 50.0]])
+    cap = 23.569200180322046
+    db = jax.grad(
+        lambda b: linear_softmax_cross_entropy(x, w, labels, b, logit_softcap=cap, reduction="sum")
+    )(jnp.zeros(4))
+    raw = np.array([1000.0, -1000.0, 0.0, 50.0])
+    expected = (ref.softmax(cap * np.tanh(raw / cap)) - np.eye(4)[2]) * (
+        1 - np.tanh(raw / cap) ** 2
+    )
+    assert ref.rel_err(db, expected) < 1e-5
+    assert abs(float(db[0])) < 1e-30 and float(db[1]) == 0.0
+
+
+def test_one_feature_with_large_logits_is_finite():
+    """With D = 1 XLA:CPU would turn the matmul into FMA-contracted multiplies."""
+    w = jnp.array([[1.1e10, 0.0]])
+    for x in (jnp.array([[7.0]]), jnp.array([[-3.0]])):
+        labels = jnp.array([int(x[0, 0] < 0)])  # the larger logit's class
+        loss, dx = jax.value_and_grad(
+            lambda x, labels=labels: linear_softmax_cross_entropy(x, w, labels, reduction="sum")
+        )(x)
+        assert loss == 0.0 and dx[0, 0] == 0.0
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs(rng, dtype):
     x, w, b, labels = problem(rng, (21,), 16, 64)
