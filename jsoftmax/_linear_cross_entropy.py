@@ -221,16 +221,18 @@ def _probabilities(z, m, log_sum):
     return jnp.exp((z - m[:, None]) - log_sum[:, None])
 
 
-def _grad_tile(cfg: _Config, z, probs, lse, y_c, coef):
+def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
     """The gradient of ``sum_i coef_i * loss_i`` w.r.t. the raw logits of one chunk.
 
-    ``z`` (the soft-capped logits) is used only for the soft-cap's derivative.
+    ``z`` (the soft-capped logits) is used only for the soft-cap's derivative,
+    ``stats`` (each row's max and log-sum) only for the z-loss's.
     ``coef_i == 0`` rows get an exact 0 (even if their logits are not finite).
     """
     num_classes = probs.shape[1]
     p = probs
     if cfg.z_loss > 0.0:
-        p = p * (1.0 + 2.0 * cfg.z_loss * lse)[:, None]
+        m, log_sum = stats
+        p = p * (1.0 + 2.0 * cfg.z_loss * (m + log_sum))[:, None]
     eps = cfg.label_smoothing
     onehot = lax.broadcasted_iota(jnp.int32, p.shape, 1) == y_c[:, None]
     target = jnp.where(onehot, 1.0 - eps + eps / num_classes, eps / num_classes)
@@ -338,16 +340,15 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
         if want_loss:
             mean_z = _mean_logit(cfg, z, x_c, sums, acc)
             z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-            loss, (m, log_sum), probs = _row_loss(cfg, z, z_y, mean_z, want_probs=True)
+            loss, stats, probs = _row_loss(cfg, z, z_y, mean_z, want_probs=True)
             row = jnp.where(coef_c != 0, coef_c * loss, jnp.zeros((), acc))
             if fresh is not None:
                 row = jnp.where(fresh, row, lax.dynamic_slice_in_dim(rows, start, chunk))
             rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
         else:
-            m, log_sum = (lax.dynamic_slice_in_dim(t, start, chunk) for t in stats_saved)
-            probs = _probabilities(z, m, log_sum)
-        lse = m + log_sum
-        g = _grad_tile(cfg, z, probs, lse, y_c, coef_c)
+            stats = tuple(lax.dynamic_slice_in_dim(t, start, chunk) for t in stats_saved)
+            probs = _probabilities(z, *stats)
+        g = _grad_tile(cfg, z, probs, stats, y_c, coef_c)
         if db is not None:
             db = db + jnp.sum(g, axis=0)
         g_mm = g.astype(x.dtype)
@@ -393,7 +394,7 @@ def _fused_fwd(cfg: _Config, x, w, b, y, coef):
     b = None if b is None else b.value
     if cfg.reduction == "none":
         # The cotangent of each example is not known yet: keep the per-row
-        # logsumexp and recompute the logit tiles in the backward.
+        # statistics (max, log-sum) and recompute the logit tiles in the backward.
         rows, stats = _loss_pass(cfg, x, w, b, y, coef)
         # Which gradients to compute, carried in the residuals' static structure.
         flags = {name: None for name, on in (("x", need_x), ("w", need_w), ("b", need_b)) if on}

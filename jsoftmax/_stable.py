@@ -129,13 +129,17 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     runs, next to the sum.
     """
 
-    def count_infinite(x, mask, m, s):
-        # 1 for +inf, NaN for NaN, else 0; written with exp, which XLA:CPU fuses
-        # into the sum, where a compare-and-sum would materialise a logits-sized array.
-        xm = masked_in(x, mask, dtype)
-        is_inf = 1 - jnp.exp(_min_keeping_nan(jnp.zeros((), dtype), _largest(dtype) - xm))
+    def with_count(is_inf, m, s):
+        """``s``, or where ``m = +inf`` the row sum of ``is_inf`` (1 for ``+inf``, NaN for NaN)."""
         count = jnp.sum(is_inf, axis=axes, keepdims=True)
         return jnp.where(m == jnp.inf, count, s)
+
+    def count_infinite(x, mask, m, s):
+        # Written with exp, which XLA:CPU fuses into the sum, where a
+        # compare-and-sum would materialise a logits-sized array.
+        xm = masked_in(x, mask, dtype)
+        is_inf = 1 - jnp.exp(_min_keeping_nan(jnp.zeros((), dtype), _largest(dtype) - xm))
+        return with_count(is_inf, m, s)
 
     def keep(x, mask, m, s):
         return s
@@ -146,8 +150,7 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     def always(x, mask, m, s):
         xm = masked_in(x, mask, dtype)
         is_inf = jnp.where(jnp.isnan(xm), jnp.nan, (xm == jnp.inf).astype(dtype))
-        count = jnp.sum(is_inf, axis=axes, keepdims=True)
-        return jnp.where(m == jnp.inf, count, s)
+        return with_count(is_inf, m, s)
 
     return by_backend(x, mask, m, s, cpu=when_needed, other=always)
 
