@@ -27,13 +27,15 @@ def test_quick_bench_writes_the_table_and_the_plot(tmp_path, capsys):
     assert "standalone functions" in printed.err  # progress goes to stderr
 
 
-def test_bad_arguments_exit_with_a_usage_error(tmp_path):
+def test_bad_arguments_exit_with_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--repeats", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--array-mib", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+    assert "--array-mib must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--no-such-flag"])
 
