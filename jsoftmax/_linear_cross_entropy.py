@@ -30,6 +30,11 @@ How it works (all of it plain ``jnp``/``lax``, no custom kernels):
   block of columns at a time, which stays in cache), so no second ``[D, C]``
   temporary is made; ``dx`` rows are written once per chunk.
 
+With 16-bit inputs the gradient tile is rounded to the input dtype for its two
+matmuls (float32 accumulation). It is weighted relative to the chunk's largest
+cotangent and the matmul results are scaled back in float32, so a mean's
+``1 / count`` does not turn its small entries into float16 subnormals.
+
 Only the gradients of the inputs that are differentiated are computed (the
 custom VJP uses symbolic zeros), so a frozen ``w`` costs no ``dw`` matmul.
 
@@ -245,6 +250,23 @@ def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
     return jnp.where((coef != 0)[:, None], g, jnp.zeros((), p.dtype))
 
 
+def _tile_scale(coef_c):
+    """The largest finite ``|coef_i|`` of a chunk (1 if none is nonzero).
+
+    For 16-bit inputs the gradient tile is rounded to the input dtype for its
+    matmuls. Weighted by ``coef`` (``1 / count`` for a mean) its small entries
+    would become float16 subnormals; weighted by ``coef / scale`` (exactly 1 for a
+    mean) they keep float16's full precision, and the matmul results, accumulated
+    in float32, are multiplied by the scale.
+    """
+    size = jnp.max(jnp.where(jnp.isfinite(coef_c), jnp.abs(coef_c), jnp.zeros((), coef_c.dtype)))
+    return jnp.where(size > 0, size, jnp.ones((), coef_c.dtype))
+
+
+def _scaled(value, scale):
+    return value if scale is None else value * scale
+
+
 def _chunk_start(i, n: int, chunk: int):
     """Start row of chunk ``i``: the last chunk is shifted back to end at row ``n``."""
     return jnp.minimum(i * chunk, n - chunk)
@@ -305,7 +327,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
     want_loss = stats_saved is None
     sums = _smoothing_sums(cfg, w, b, acc) if want_loss else None
 
-    def dw_update(dw, x_c, g):
+    def dw_update(dw, x_c, g, g_scale):
         def inner(k, dw):
             col = jnp.minimum(k * block, num_classes - block)
             g_k = lax.dynamic_slice_in_dim(g, col, block, axis=1)
@@ -313,11 +335,11 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
                 fresh = col + lax.iota(jnp.int32, block) >= k * block
                 g_k = jnp.where(fresh[None, :], g_k, jnp.zeros((), g_k.dtype))
             old = lax.dynamic_slice_in_dim(dw, col, block, axis=1)
-            new = old + _dot(x_c, g_k, 0, 0, acc)
+            new = old + _scaled(_dot(x_c, g_k, 0, 0, acc), g_scale)
             return lax.dynamic_update_slice_in_dim(dw, new, col, axis=1)
 
         def whole(dw, x_c, g):
-            return dw + _dot(x_c, g, 0, 0, acc)
+            return dw + _scaled(_dot(x_c, g, 0, 0, acc), g_scale)
 
         if n_blocks == 1:
             return whole(dw, x_c, g)
@@ -348,19 +370,20 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
         else:
             stats = tuple(lax.dynamic_slice_in_dim(t, start, chunk) for t in stats_saved)
             probs = _probabilities(z, *stats)
-        g = _grad_tile(cfg, z, probs, stats, y_c, coef_c)
+        g_scale = _tile_scale(coef_c) if x.dtype != acc else None
+        g = _grad_tile(cfg, z, probs, stats, y_c, coef_c if g_scale is None else coef_c / g_scale)
         if db is not None:
-            db = db + jnp.sum(g, axis=0)
+            db = db + _scaled(jnp.sum(g, axis=0), g_scale)
         g_mm = g.astype(x.dtype)
         if dx is not None:
-            dx_c = _dot(g_mm, w, 1, 1, acc)
+            dx_c = _scaled(_dot(g_mm, w, 1, 1, acc), g_scale)
             if fresh is not None:
                 dx_c = jnp.where(fresh[:, None], dx_c, lax.dynamic_slice_in_dim(dx, start, chunk))
             dx = lax.dynamic_update_slice_in_dim(dx, dx_c, start, 0)
         if dw is not None:
             # rows that take no part must add exactly 0, even if their x is not finite
             x_live = jnp.where((coef_c != 0)[:, None], x_c, jnp.zeros((), x_c.dtype))
-            dw = dw_update(dw, x_live, g_mm)
+            dw = dw_update(dw, x_live, g_mm, g_scale)
         return rows, dx, dw, db
 
     init = (

@@ -436,6 +436,37 @@ def test_half_precision_inputs(rng, dtype):
     assert ref.rel_err(db, db64) < tol
 
 
+@pytest.mark.parametrize(
+    "n,reduction,cotangent",
+    [
+        (4096, "mean", None),
+        (1024, "none", 2.0**-12),
+        (1024, "none", "mixed"),
+        (1024, "sum", 2.0**-12),
+    ],
+)
+def test_float16_gradient_keeps_its_precision_under_a_small_cotangent(rng, n, reduction, cotangent):
+    """The 1/count of a mean (or a small cotangent) must not push the float16 tile to subnormals.
+
+    The error allowed is what a unit cotangent gets from the tile's own float16
+    rounding (about 5e-4 here). Weighted before that rounding, the tile's entries
+    near 1e-6 kept a few bits: 2.5e-3 for "none", 1.1e-3 for the mean.
+    """
+    x, w, _, labels = problem(rng, (n,), 16, 1000, bias=False)
+    xh, wh = jnp.asarray(x, jnp.float16), jnp.asarray(w, jnp.float16)
+    if cotangent == "mixed":  # per-example weights over eleven binades
+        cotangent = 2.0 ** rng.integers(-14, -2, n)
+    elif reduction == "none":
+        cotangent = np.full(n, cotangent)
+    _, (dx, dw, _) = grads_of(
+        fused, xh, wh, None, labels, cotangent=cotangent, reduction=reduction, chunk_size=128
+    )
+    rounded = [np.asarray(a.astype(jnp.float32)) for a in (xh, wh)]
+    _, dx64, dw64, _ = reference64(*rounded, labels, cotangent=cotangent, reduction=reduction)
+    assert ref.rel_err(dx, dx64) < 8e-4
+    assert ref.rel_err(dw, dw64) < 8e-4
+
+
 def test_mixed_input_dtypes(rng):
     x, w, b, labels = problem(rng, (9,), 8, 30)
     value, (dx, dw) = jax.value_and_grad(lambda x, w: fused(x, w, labels, b), argnums=(0, 1))(
