@@ -200,6 +200,8 @@ def _row_loss(cfg: _Config, z, z_y, mean_z, want_probs: bool = False):
     XLA updates the one tile in place instead of keeping a second one.)
     """
     m = jnp.max(z, axis=1)
+    if z.shape[1] == 1:
+        z_y = m  # the one class's logit, exactly: its cross-entropy is 0, not an ulp of it
     eps = cfg.label_smoothing
     probs = None
     if want_probs and cfg.softcap is None:

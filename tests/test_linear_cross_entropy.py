@@ -415,6 +415,22 @@ def test_one_feature_with_large_logits_is_finite():
         assert loss == 0.0 and dx[0, 0] == 0.0
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_one_class_has_exactly_zero_cross_entropy(rng, reduction):
+    """With one class the label's logit is the row maximum: loss 0, not an ulp of the logit."""
+    x, w, _, _ = problem(rng, (300,), 64, 1, scale=100.0, bias=False)
+    labels = np.zeros(300, np.int32)
+    loss, (dx, dw) = jax.value_and_grad(
+        lambda x, w: jnp.sum(fused(x, w, labels, reduction=reduction)), argnums=(0, 1)
+    )(x, w)
+    assert loss == 0.0 and not jnp.any(dx) and not jnp.any(dw)
+    # the z-loss alone then: z_loss * z**2 per example (integer data: z is exact in float32)
+    x, w = (rng.integers(-8, 9, shape).astype(np.float32) for shape in ((300, 64), (64, 1)))
+    losses = fused(x, w, labels, z_loss=1e-4, reduction="none")
+    z = ref.to64(x) @ ref.to64(w)[:, 0]
+    assert ref.rel_err(losses, 1e-4 * z**2) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs(rng, dtype):
     x, w, b, labels = problem(rng, (21,), 16, 64)
