@@ -28,13 +28,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _stable
+from jsoftmax._label_check import checked_labels
 from jsoftmax._validation import (
     Axis,
     as_float_array,
     as_int_array,
     check_ignore_index,
     check_label_smoothing,
-    check_labels_in_range,
     check_reduction,
     check_z_loss,
     compute_dtype,
@@ -605,12 +605,13 @@ def softmax_cross_entropy_with_integer_labels(
 
     Note:
       A label outside ``[0, C)`` that is not ``ignore_index`` gives that
-      example a NaN loss (never another class) and fails a
-      ``checkify.debug_check``, which ``jax.experimental.checkify`` reports
-      and plain ``jit`` ignores. A per-logit mask restricts the classes that
-      take probability; the label's own logit is read as given, as in optax.
-      Rows that are all ``-inf`` or fully masked give 0; a NaN logit gives
-      NaN. Reverse mode only: ``jax.jvp`` raises.
+      example a NaN loss (never another class) and fails a check that
+      ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``
+      (or ``all_checks``) reports; under plain ``jit`` it compiles to nothing
+      and, unlike ``checkify.debug_check``, adds no effect. A per-logit mask
+      restricts the classes that take probability; the label's own logit is
+      read as given, as in optax. Rows that are all ``-inf`` or fully masked
+      give 0; a NaN logit gives NaN. Reverse mode only: ``jax.jvp`` raises.
     """
     logits = as_float_array("logits", logits)
     labels = as_int_array("labels", labels)
@@ -630,7 +631,7 @@ def softmax_cross_entropy_with_integer_labels(
         check_ignore_index(ignore_index),
     )
     check_reduction(reduction)
-    check_labels_in_range(labels, _num_classes(logits.shape, axes), config.ignore_index)
+    labels = checked_labels(labels, _num_classes(logits.shape, axes), config.ignore_index)
     losses = _integer_cross_entropy(logits, labels, logit_mask, example_mask, weights, config)
     denominator = None
     if reduction == "mean":

@@ -66,13 +66,13 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jsoftmax import _stable
+from jsoftmax._label_check import checked_labels
 from jsoftmax._validation import (
     as_bool_mask,
     as_float_array,
     as_int_array,
     check_ignore_index,
     check_label_smoothing,
-    check_labels_in_range,
     check_reduction,
     check_z_loss,
     compute_dtype,
@@ -555,10 +555,10 @@ def linear_softmax_cross_entropy(
       A label outside ``[0, C)`` that is not ``ignore_index`` makes that
       example's loss and gradient NaN (as in
       ``softmax_cross_entropy_with_integer_labels``, even under ``where``); it
-      is never wrapped to another class. It also fails a
-      ``checkify.debug_check``: ``jax.experimental.checkify.checkify(f,
-      errors=checkify.all_checks)`` reports the label and its position, while
-      plain ``jit`` ignores the check.
+      is never wrapped to another class. It also fails a check:
+      ``jax.experimental.checkify.checkify(f, errors=checkify.all_checks)``
+      reports the label and its position, while under plain ``jit`` the check
+      compiles to nothing and adds no effect.
 
       This is a ``jax.custom_vjp``: ``jax.grad``/``jax.vjp`` use the closed-form
       gradients; forward mode (``jax.jvp``, ``jax.jacfwd``) raises. For a scalar
@@ -607,6 +607,7 @@ def linear_softmax_cross_entropy(
 
     if labels.dtype.itemsize < 4:
         labels = labels.astype(jnp.int32)
+    labels = checked_labels(labels, num_classes, ignore_index, "linear_softmax_cross_entropy: ")
     ignored = jnp.zeros(batch_shape, jnp.bool_)
     if ignore_index is not None:
         info = np.iinfo(labels.dtype)
@@ -615,7 +616,6 @@ def linear_softmax_cross_entropy(
     valid = ~ignored if mask is None else mask & ~ignored
     in_range = (labels >= 0) & (labels < num_classes)
     invalid = ~in_range & ~ignored
-    check_labels_in_range(labels, num_classes, ignore_index, "linear_softmax_cross_entropy: ")
     y = jnp.where(in_range, labels, jnp.zeros((), labels.dtype)).astype(jnp.int32)
 
     if reduction == "mean":

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -181,28 +180,3 @@ def reduce_losses(
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
     mean = jnp.sum(losses / safe)
     return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
-
-
-def check_labels_in_range(
-    labels: jax.Array, num_classes: int, ignore_index: int | None, caller: str = ""
-) -> None:
-    """A ``checkify.debug_check`` naming the first label outside ``[0, C)``.
-
-    A no-op under plain ``jit``; ``checkify.checkify(f, errors=checkify.all_checks)``
-    reports it.
-    """
-    in_range = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        in_range = in_range | (labels == ignore_index)
-    flat = in_range.reshape(-1)
-    first_bad = jnp.argmin(flat) if flat.size else jnp.zeros((), jnp.int32)
-    value = labels.reshape(-1)[first_bad] if flat.size else jnp.zeros((), labels.dtype)
-    allowed = f"[0, {num_classes})" + (
-        "" if ignore_index is None else f" or ignore_index={ignore_index}"
-    )
-    checkify.debug_check(
-        jnp.all(flat),
-        f"{caller}labels must be class indices in {allowed}; found {{}} at flat position {{}}",
-        value,
-        first_bad,
-    )
