@@ -76,6 +76,7 @@ from jsoftmax._validation import (
     check_reduction,
     check_z_loss,
     compute_dtype,
+    explicit_sharding,
 )
 
 __all__ = ["linear_softmax_cross_entropy"]
@@ -483,6 +484,20 @@ def _check_chunk_size(chunk_size: int | None) -> int | None:
     return int(chunk_size)
 
 
+def _replicated(*arrays):
+    """The arrays, gathered whole onto every device if any is split under explicit sharding.
+
+    The chunk loop walks the rows of whole arrays (a ``dynamic_slice`` of a split
+    axis does not type-check), so each device computes the whole loss.
+    """
+    split = [explicit_sharding(a) for a in arrays if a is not None]
+    split = [sharding for sharding in split if sharding is not None]
+    if not split:
+        return arrays
+    whole = jax.sharding.NamedSharding(split[0].mesh, jax.sharding.PartitionSpec())
+    return tuple(None if a is None else jax.sharding.reshard(a, whole) for a in arrays)
+
+
 def _example_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
@@ -560,6 +575,11 @@ def linear_softmax_cross_entropy(
       reports the label and its position, while under plain ``jit`` the check
       compiles to nothing and adds no effect.
 
+      Under JAX's explicit sharding (inside ``jax.set_mesh``) split inputs are
+      gathered whole onto each device first: correct, but every device does
+      all the work. Inside ``jax.shard_map`` (each device its own rows) it
+      does not trace yet: the chunk loop's carries lack the varying-axes type.
+
       This is a ``jax.custom_vjp``: ``jax.grad``/``jax.vjp`` use the closed-form
       gradients; forward mode (``jax.jvp``, ``jax.jacfwd``) raises. For a scalar
       loss the gradients are computed during the forward sweep (no recompute);
@@ -599,6 +619,7 @@ def linear_softmax_cross_entropy(
         )
     mask = _example_mask(where, batch_shape)
 
+    x, w, b, labels, mask = _replicated(x, w, b, labels, mask)
     acc = compute_dtype(x.dtype, w.dtype)
     if x.dtype != w.dtype:
         x, w = x.astype(acc), w.astype(acc)

@@ -180,3 +180,16 @@ def reduce_losses(
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
     mean = jnp.sum(losses / safe)
     return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
+
+
+def explicit_sharding(array: jax.Array) -> jax.sharding.Sharding | None:
+    """The sharding in ``array``'s type under JAX's explicit sharding mode, else None.
+
+    None also when the type says replicated: only a split array needs the
+    gathers and scatters written for it.
+    """
+    sharding = getattr(jax.typeof(array), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(part is None for part in spec):
+        return None
+    return sharding

@@ -1,0 +1,99 @@
+"""Every public function under JAX's explicit sharding (sharding in types), on a 1-device mesh.
+
+A split batch axis makes JAX type-check every gather, scatter and loop carry
+against the operands' shardings; the results must equal the unsharded ones.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax
+from tests import reference as ref
+
+N, C = 8, 5
+
+
+@pytest.fixture
+def mesh():
+    mesh = jax.make_mesh((1,), ("batch",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        yield mesh
+
+
+def split(mesh, array):
+    """``array`` split over the mesh along its first (batch) axis."""
+    return jax.device_put(jnp.asarray(array), NamedSharding(mesh, P("batch")))
+
+
+def problem(rng):
+    logits = rng.standard_normal((N, C)).astype(np.float32)
+    labels = rng.integers(0, C, N).astype(np.int32)
+    probs = rng.dirichlet(np.ones(C), N).astype(np.float32)
+    logit_mask = rng.random((N, C)) > 0.3
+    example_mask = rng.random(N) > 0.3
+    return logits, labels, probs, logit_mask, example_mask
+
+
+def loss_cases(labels, probs, logit_mask, example_mask):
+    """(name, fn of the logits) with every batch-shaped argument given by the caller."""
+    weights = jnp.linspace(0.5, 2.0, C, dtype=jnp.float32)
+    int_ce = jsoftmax.softmax_cross_entropy_with_integer_labels
+    soft_ce = jsoftmax.softmax_cross_entropy
+    return {
+        "softmax": lambda x: jsoftmax.softmax(x, where=logit_mask),
+        "log_softmax": lambda x: jnp.maximum(
+            jsoftmax.log_softmax(x, where=example_mask[:, None]), -1e3
+        ),
+        "logsumexp": lambda x: jsoftmax.logsumexp(x, where=logit_mask),
+        "soft": lambda x: soft_ce(x, probs, class_weights=weights, label_smoothing=0.1),
+        "int": lambda x: int_ce(x, labels, z_loss=1e-3, label_smoothing=0.1),
+        "int weights mean": lambda x: int_ce(
+            x, labels, where=example_mask, class_weights=weights, reduction="mean"
+        ),
+        "int ignore_index": lambda x: int_ce(
+            x, jnp.where(example_mask, labels, -100), ignore_index=-100, reduction="mean"
+        ),
+        "int logit mask": lambda x: int_ce(
+            x, labels, where=logit_mask | (jnp.arange(C) == labels[:, None])
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    list(loss_cases(*(np.zeros((N, C)),) * 4)),
+)
+def test_losses_and_gradients_match_the_unsharded_ones(rng, mesh, name):
+    logits, labels, probs, logit_mask, example_mask = problem(rng)
+    plain = loss_cases(labels, probs, logit_mask, example_mask)[name]
+    split_args = (split(mesh, a) for a in (labels, probs, logit_mask, example_mask))
+    sharded = loss_cases(*split_args)[name]
+
+    def value_and_grad(fn, x):
+        return jax.jit(jax.value_and_grad(lambda x: jnp.sum(fn(x))))(x)
+
+    expected, expected_grad = value_and_grad(plain, jnp.asarray(logits))
+    value, grad = value_and_grad(sharded, split(mesh, logits))
+    assert jax.typeof(grad).sharding.spec[0] == "batch"
+    assert ref.rel_err(value, expected) < 1e-6
+    assert ref.rel_err(grad, expected_grad) < 1e-6
+
+
+def test_fused_loss_is_gathered_whole_and_matches(rng, mesh):
+    x = rng.standard_normal((N, 3)).astype(np.float32)
+    w = rng.standard_normal((3, C)).astype(np.float32)
+    labels = rng.integers(0, C, N).astype(np.int32)
+
+    def loss(x, w, labels):
+        return jsoftmax.linear_softmax_cross_entropy(x, w, labels, chunk_size=3)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    expected, (expected_dx, expected_dw) = grad_fn(x, w, labels)
+    value, (dx, dw) = grad_fn(split(mesh, x), w, split(mesh, labels))
+    assert jax.typeof(dx).sharding.spec[0] == "batch"
+    assert ref.rel_err(value, expected) < 1e-6
+    assert ref.rel_err(dx, expected_dx) < 1e-6 and ref.rel_err(dw, expected_dw) < 1e-6
