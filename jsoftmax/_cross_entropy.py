@@ -539,8 +539,8 @@ def _subtract_at_labels(d_logits, amount, label_index, axes):
     """
     if d_logits.size == 0:
         return d_logits
-    sharded = explicit_sharding(d_logits) or explicit_sharding(label_index)
-    if len(axes) == 1 and sharded is None:
+    split = any(explicit_sharding(a) is not None for a in (d_logits, label_index))
+    if len(axes) == 1 and not split:
         axis = axes[0]
         labels = jnp.squeeze(label_index, axis)
         amount = jnp.broadcast_to(jnp.squeeze(amount, axis), labels.shape)

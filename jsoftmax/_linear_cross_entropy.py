@@ -490,11 +490,11 @@ def _replicated(*arrays):
     The chunk loop walks the rows of whole arrays (a ``dynamic_slice`` of a split
     axis does not type-check), so each device computes the whole loss.
     """
-    split = [explicit_sharding(a) for a in arrays if a is not None]
-    split = [sharding for sharding in split if sharding is not None]
-    if not split:
+    shardings = [explicit_sharding(a) for a in arrays if a is not None]
+    mesh = next((sharding.mesh for sharding in shardings if sharding is not None), None)
+    if mesh is None:
         return arrays
-    whole = jax.sharding.NamedSharding(split[0].mesh, jax.sharding.PartitionSpec())
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return tuple(None if a is None else jax.sharding.reshard(a, whole) for a in arrays)
 
 

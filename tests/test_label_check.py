@@ -105,4 +105,5 @@ def test_labels_pass_through_unchanged(rng):
         assert out.dtype == labels.dtype and np.array_equal(out, labels)
     empty = checked_labels(jnp.zeros((0,), jnp.int32), C, None)
     assert empty.shape == (0,)
-    checkify.checkify(lambda y: checked_labels(y, C, None))(jnp.zeros((0, 2), jnp.int32))[0].throw()
+    error, _ = checkify.checkify(lambda y: checked_labels(y, C, None))(jnp.zeros((0, 2), jnp.int32))
+    error.throw()
