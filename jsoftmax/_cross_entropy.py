@@ -20,6 +20,7 @@ cancels at large magnitudes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -196,20 +197,23 @@ def _mean_denominator(logit_mask, example_mask, shape, axes, ignored=None, weigh
     return jnp.sum(jnp.where(counted, weight, jnp.zeros_like(weight)))
 
 
-def _custom_vjp_loss(forward, backward):
+def _custom_vjp_loss(forward, backward, forward_for_gradient=None):
     """A ``custom_vjp`` loss of ``(logits, labels, logit_mask, example_mask, weights, config)``.
 
     ``forward`` returns the per-example losses and the row statistics
     ``(m, log_s)``; the residuals are the inputs and those statistics only.
-    The forward rule calls ``forward``, never the custom_vjp function itself,
-    so that forward mode over the backward pass (``jax.hessian``) works.
+    ``forward_for_gradient``, if given, is the same function written for when
+    the statistics are kept. The forward rule calls it, never the custom_vjp
+    function itself, so that forward mode over the backward pass
+    (``jax.hessian``) works.
     """
+    forward_for_gradient = forward_for_gradient or forward
 
     def value(*args):
         return forward(*args)[0]
 
     def forward_rule(*args):
-        loss, stats = forward(*args)
+        loss, stats = forward_for_gradient(*args)
         return loss, (*args[:-1], *stats)
 
     loss_fn = jax.custom_vjp(value, nondiff_argnums=(5,))
@@ -258,13 +262,19 @@ def _plain_soft_loss_exact(axes, x, y):
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
 
-def _soft_forward(logits, labels, logit_mask, example_mask, weights, config):
+def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one_loop=True):
+    """The losses and the row statistics.
+
+    ``one_loop``: without options, the value alone is the one loop XLA fuses,
+    its edge rows redone; for a gradient the statistics are computed anyway,
+    and the loss from them is cheaper than a second loop.
+    """
     dtype = compute_dtype(logits.dtype, labels.dtype)
     axes = config.axes
     xm = _stable.masked_in(logits, logit_mask, dtype)
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
     plain = logit_mask is None and weights is None and not config.label_smoothing
-    if plain and not config.z_loss:
+    if one_loop and plain and not config.z_loss:
         # Only the loss is needed without a gradient; XLA then drops the
         # statistics above, which the backward pass keeps.
         loss = _stable.rows_with_fallback(
@@ -317,7 +327,9 @@ def _zero_rows(gradient, active):
     return jnp.where(active, gradient, jnp.zeros_like(gradient))
 
 
-_soft_cross_entropy = _custom_vjp_loss(_soft_forward, _soft_bwd)
+_soft_cross_entropy = _custom_vjp_loss(
+    _soft_forward, _soft_bwd, functools.partial(_soft_forward, one_loop=False)
+)
 
 
 def _soft_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:

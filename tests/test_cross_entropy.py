@@ -4,6 +4,7 @@ import contextlib
 import functools
 import io
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -727,6 +728,25 @@ def test_soft_labels_forward_holds_no_logits_sized_temporary():
     logits = jax.ShapeDtypeStruct((8192, 1024), jnp.float32)  # optax: no temp here either
     analysis = jax.jit(soft_ce).lower(logits, logits).compile().memory_analysis()
     assert analysis.temp_size_in_bytes < 8192 * 1024 * 4 / 8
+
+
+def test_soft_labels_loss_under_a_gradient_is_exact_on_edge_rows():
+    """Under a gradient the loss comes from the saved statistics: the same limits."""
+    logits, labels, expected = _edge_rows()
+    losses = jax.jit(lambda x, y: jax.vjp(soft_ce, x, y)[0])(logits, labels)
+    np.testing.assert_allclose(losses, expected, rtol=1e-6)
+    weights = np.arange(1.0, 1.0 + len(expected), dtype=np.float32)
+    total, _ = jax.value_and_grad(lambda x: jnp.sum(soft_ce(x, labels) * weights))(logits)
+    np.testing.assert_allclose(total, np.sum(expected * weights), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8192, 1024), (64, 131072)])
+def test_soft_labels_gradient_holds_no_logits_sized_temporary(shape):
+    """value_and_grad keeps two numbers per row (exact on CPU); optax's holds 32-64 MiB here."""
+    logits = jax.ShapeDtypeStruct(shape, jnp.float32)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda x, y: jnp.sum(soft_ce(x, y))))
+    analysis = value_and_grad.lower(logits, logits).compile().memory_analysis()
+    assert analysis.temp_size_in_bytes < math.prod(shape) * 4 / 8
 
 
 def test_bfloat16_integer_label_forward_makes_no_float32_copy():
