@@ -7,6 +7,10 @@ run, on the default JAX device:
   (against ``optax``) at 1k, 32k and 128k classes: forward time and
   forward+backward time (``jax.value_and_grad`` of the sum of the output times
   a fixed random cotangent), as ratios ours / theirs;
+* the same four functions on small arrays (10 to 1000 classes, at most a few
+  MiB), timed per call: each call is waited for before the next, so the time
+  is the latency a training step sees, mostly dispatch and the runtime's
+  scheduling of the compiled kernels rather than arithmetic;
 * the fused ``linear_softmax_cross_entropy`` against ``optax`` on ``x @ w``:
   time of the jitted ``value_and_grad`` w.r.t. ``x`` and ``w``, and the XLA
   temporary memory of that compiled function
@@ -54,6 +58,7 @@ class Sizes:
 
     classes: tuple[int, ...]  # class counts of the standalone table
     array_bytes: int  # bytes of one float32 [N, C] input: N = array_bytes / (4 C)
+    small: tuple[tuple[int, int], ...]  # (N, C) shapes of the per-call table
     fused: tuple[tuple[int, int, int], ...]  # (N, D, C) shapes of the fused table
     fused_repeats: int  # at most this many rounds for the fused comparisons
     min_sample_s: float  # calls are repeated within a sample until it lasts this long
@@ -62,6 +67,7 @@ class Sizes:
 FULL = Sizes(
     classes=(1024, 32768, 131072),
     array_bytes=32 * MiB,
+    small=((128, 10), (1024, 100), (512, 1000)),
     fused=((2048, 512, 32768), (4096, 512, 65536)),
     fused_repeats=5,
     min_sample_s=0.05,
@@ -69,6 +75,7 @@ FULL = Sizes(
 QUICK = Sizes(
     classes=(16, 256),
     array_bytes=64 * 1024,
+    small=((8, 10),),
     fused=((64, 16, 256),),
     fused_repeats=3,
     min_sample_s=0.0,
@@ -121,10 +128,13 @@ def machine_info() -> dict[str, str]:
 # -- timing ------------------------------------------------------------------------------------
 
 
-def _run(fn: Callable, args: Sequence, number: int) -> float:
+def _run(fn: Callable, args: Sequence, number: int, per_call: bool = False) -> float:
+    """Seconds per call of ``number`` calls; ``per_call`` waits for each before the next."""
     start = time.perf_counter()
     for _ in range(number):
         out = fn(*args)
+        if per_call:
+            jax.block_until_ready(out)
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / number
 
@@ -136,8 +146,19 @@ class Timing:
     ratio: float  # median over rounds of ours / theirs
 
 
-def compare(ours: Callable, theirs: Callable, args: Sequence, repeats: int, min_sample_s: float):
-    """Times two jitted functions alternately; medians of times and of per-round ratios."""
+def compare(
+    ours: Callable,
+    theirs: Callable,
+    args: Sequence,
+    repeats: int,
+    min_sample_s: float,
+    per_call: bool = False,
+):
+    """Times two jitted functions alternately; medians of times and of per-round ratios.
+
+    ``per_call``: wait for each call's result before the next (latency); otherwise
+    only for the last of a sample's calls (throughput, as a loop of steps runs).
+    """
     for fn in (ours, theirs):  # compile and warm up
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
@@ -146,11 +167,11 @@ def compare(ours: Callable, theirs: Callable, args: Sequence, repeats: int, min_
     ours_times, theirs_times, ratios = [], [], []
     for i in range(repeats):
         if i % 2 == 0:
-            a = _run(ours, args, number)
-            b = _run(theirs, args, number)
+            a = _run(ours, args, number, per_call)
+            b = _run(theirs, args, number, per_call)
         else:
-            b = _run(theirs, args, number)
-            a = _run(ours, args, number)
+            b = _run(theirs, args, number, per_call)
+            a = _run(ours, args, number, per_call)
         ours_times.append(a)
         theirs_times.append(b)
         ratios.append(a / b)
@@ -195,22 +216,31 @@ def _forward_and_backward(fn: Callable, cotangent: jax.Array) -> Callable:
     return jax.jit(jax.value_and_grad(scalar))
 
 
-def bench_standalone(sizes: Sizes, repeats: int, log: Callable[[str], None]) -> list[dict]:
+def _bench_shapes(
+    shapes: Sequence[tuple[int, int]],
+    sizes: Sizes,
+    repeats: int,
+    log: Callable[[str], None],
+    per_call: bool,
+) -> list[dict]:
+    """Forward and forward+backward comparisons of the four functions at each (N, C)."""
     rows = []
     key = jax.random.PRNGKey(0)
-    for num_classes in sizes.classes:
-        n = max(1, sizes.array_bytes // (4 * num_classes))
+    for n, num_classes in shapes:
         key, sub, ct_key = jax.random.split(key, 3)
         for name, ours, theirs, args in _standalone_cases(num_classes, n, sub):
             out_shape = jax.eval_shape(theirs, *args).shape
             cotangent = jax.random.normal(ct_key, out_shape, jnp.float32)
-            forward = compare(jax.jit(ours), jax.jit(theirs), args, repeats, sizes.min_sample_s)
+            forward = compare(
+                jax.jit(ours), jax.jit(theirs), args, repeats, sizes.min_sample_s, per_call
+            )
             both = compare(
                 _forward_and_backward(ours, cotangent),
                 _forward_and_backward(theirs, cotangent),
                 args,
                 repeats,
                 sizes.min_sample_s,
+                per_call,
             )
             row = {"function": name, "classes": num_classes, "n": n, "fwd": forward, "bwd": both}
             rows.append(row)
@@ -219,6 +249,17 @@ def bench_standalone(sizes: Sizes, repeats: int, log: Callable[[str], None]) -> 
                 f"fwd {forward.ratio:.3f}  fwd+bwd {both.ratio:.3f}"
             )
     return rows
+
+
+def bench_standalone(sizes: Sizes, repeats: int, log: Callable[[str], None]) -> list[dict]:
+    """The four functions at each class count, on inputs of ``sizes.array_bytes``."""
+    shapes = [(max(1, sizes.array_bytes // (4 * c)), c) for c in sizes.classes]
+    return _bench_shapes(shapes, sizes, repeats, log, per_call=False)
+
+
+def bench_small(sizes: Sizes, repeats: int, log: Callable[[str], None]) -> list[dict]:
+    """The four functions on small arrays, each call waited for (latency)."""
+    return _bench_shapes(sizes.small, sizes, repeats, log, per_call=True)
 
 
 # -- the fused loss ----------------------------------------------------------------------------
@@ -272,7 +313,13 @@ def _mib(value: int) -> str:
     return f"{value / MiB:.1f}" if value >= 0 else "n/a"
 
 
-def render_markdown(info: dict[str, str], standalone: list[dict], fused: list[dict]) -> str:
+def _versus(function: str) -> str:
+    return "jax.nn" if function in ("softmax", "log_softmax") else "optax"
+
+
+def render_markdown(
+    info: dict[str, str], standalone: list[dict], small: list[dict], fused: list[dict]
+) -> str:
     lines = [
         "## Benchmark: jsoftmax vs jax.nn / optax",
         "",
@@ -291,12 +338,30 @@ def render_markdown(info: dict[str, str], standalone: list[dict], fused: list[di
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in standalone:
-        versus = "jax.nn" if row["function"] in ("softmax", "log_softmax") else "optax"
         f, b = row["fwd"], row["bwd"]
         lines.append(
-            f"| {row['function']} | {versus} | {row['classes']} | {row['n']} "
+            f"| {row['function']} | {_versus(row['function'])} | {row['classes']} | {row['n']} "
             f"| {f.ours_s * 1e3:.2f} / {f.theirs_s * 1e3:.2f} | {f.ratio:.3f} "
             f"| {b.ours_s * 1e3:.2f} / {b.theirs_s * 1e3:.2f} | {b.ratio:.3f} |"
+        )
+    lines += [
+        "",
+        "### Small arrays, per call",
+        "",
+        "The same comparison on small inputs, each call waited for (`block_until_ready`) before "
+        "the next: the latency a training step sees. At these sizes most of the time is "
+        "dispatch and the runtime's scheduling of the compiled kernels, not arithmetic.",
+        "",
+        "| function | vs | classes | N | fwd us (ours / theirs) | fwd ratio "
+        "| fwd+bwd us (ours / theirs) | fwd+bwd ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in small:
+        f, b = row["fwd"], row["bwd"]
+        lines.append(
+            f"| {row['function']} | {_versus(row['function'])} | {row['classes']} | {row['n']} "
+            f"| {f.ours_s * 1e6:.0f} / {f.theirs_s * 1e6:.0f} | {f.ratio:.3f} "
+            f"| {b.ours_s * 1e6:.0f} / {b.theirs_s * 1e6:.0f} | {b.ratio:.3f} |"
         )
     lines += [
         "",
@@ -324,31 +389,45 @@ def render_markdown(info: dict[str, str], standalone: list[dict], fused: list[di
     return "\n".join(lines) + "\n"
 
 
-def render_plot(path: Path, info: dict[str, str], standalone: list[dict], fused: list[dict]):
+_SHORT_NAMES = {
+    "softmax": "softmax",
+    "log_softmax": "log_softmax",
+    "softmax_cross_entropy": "CE (soft)",
+    "softmax_cross_entropy_with_integer_labels": "CE (int)",
+}
+
+
+def _ratio_bars(axes, rows: list[dict], title: str, with_n: bool = False) -> None:
+    def label(row):
+        size = f"{row['n']}x{row['classes']}" if with_n else f"C={row['classes']}"
+        return f"{_SHORT_NAMES[row['function']]}\n{size}"
+
+    xs = np.arange(len(rows))
+    axes.bar(xs - 0.2, [r["fwd"].ratio for r in rows], 0.4, label="forward")
+    axes.bar(xs + 0.2, [r["bwd"].ratio for r in rows], 0.4, label="forward+backward")
+    axes.axhline(1.0, color="black", linewidth=1)
+    axes.axhline(1.05, color="gray", linewidth=1, linestyle="--", label="1.05")
+    axes.set_xticks(xs, [label(r) for r in rows], fontsize=6)
+    axes.set_ylabel("time ratio, jsoftmax / (jax.nn or optax)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+
+
+def render_plot(
+    path: Path, info: dict[str, str], standalone: list[dict], small: list[dict], fused: list[dict]
+):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [2.2, 1]}
-    )
-    short = {
-        "softmax": "softmax",
-        "log_softmax": "log_softmax",
-        "softmax_cross_entropy": "CE (soft)",
-        "softmax_cross_entropy_with_integer_labels": "CE (int)",
-    }
-    labels = [f"{short[r['function']]}\nC={r['classes']}" for r in standalone]
-    xs = np.arange(len(standalone))
-    left.bar(xs - 0.2, [r["fwd"].ratio for r in standalone], 0.4, label="forward")
-    left.bar(xs + 0.2, [r["bwd"].ratio for r in standalone], 0.4, label="forward+backward")
-    left.axhline(1.0, color="black", linewidth=1)
-    left.axhline(1.05, color="gray", linewidth=1, linestyle="--", label="1.05")
-    left.set_xticks(xs, labels, fontsize=7)
-    left.set_ylabel("time ratio, jsoftmax / (jax.nn or optax)")
-    left.set_title("Standalone functions (lower is faster)")
-    left.legend(fontsize=8)
+    fig = plt.figure(figsize=(14, 10))
+    grid = fig.add_gridspec(2, 2, width_ratios=[2.2, 1])
+    left = fig.add_subplot(grid[0, 0])
+    right = fig.add_subplot(grid[:, 1])
+    bottom = fig.add_subplot(grid[1, 0])
+    _ratio_bars(left, standalone, "Standalone functions (lower is faster)")
+    _ratio_bars(bottom, small, "Small arrays, per call (latency; lower is faster)", with_n=True)
 
     names = [f"N={r['shape'][0]}\nD={r['shape'][1]}\nC={r['shape'][2]}" for r in fused]
     fx = np.arange(len(fused))
@@ -424,15 +503,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{key}: {info[key]}")
     log("standalone functions:")
     standalone = bench_standalone(sizes, repeats, log)
+    log("small arrays, per call:")
+    small = bench_small(sizes, repeats, log)
     log("fused linear + cross-entropy:")
     fused = bench_fused(sizes, repeats, log)
 
-    markdown = render_markdown(info, standalone, fused)
+    markdown = render_markdown(info, standalone, small, fused)
     print(markdown, end="")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(markdown, encoding="utf-8")
-        render_plot(out / "bench.png", info, standalone, fused)
+        render_plot(out / "bench.png", info, standalone, small, fused)
     except OSError as error:
         print(f"jsoftmax bench: cannot write to {out}: {error}", file=sys.stderr)
         return 2

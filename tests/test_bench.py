@@ -18,8 +18,11 @@ def test_quick_bench_writes_the_table_and_the_plot(tmp_path, capsys):
         "| softmax_cross_entropy |",
         "| softmax_cross_entropy_with_integer_labels |",
     ):
-        assert markdown.count(name) == len(bench.QUICK.classes), name
+        assert markdown.count(name) == len(bench.QUICK.classes) + len(bench.QUICK.small), name
     assert "fwd+bwd ratio" in markdown
+    small_table = markdown.split("### Small arrays, per call")[1].split("###")[0]
+    for n, c in bench.QUICK.small:
+        assert small_table.count(f" | {c} | {n} | ") == 4
     fused_rows = [line for line in markdown.splitlines() if line.startswith("| 64 | 16 | 256 |")]
     assert len(fused_rows) == 1
     png = (out / "bench.png").read_bytes()
