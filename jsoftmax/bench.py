@@ -317,6 +317,26 @@ def _versus(function: str) -> str:
     return "jax.nn" if function in ("softmax", "log_softmax") else "optax"
 
 
+def _ratio_table(rows: list[dict], unit: str, per_second: float, digits: int) -> list[str]:
+    """Markdown lines of a forward / forward+backward table, times in ``unit``."""
+    lines = [
+        f"| function | vs | classes | N | fwd {unit} (ours / theirs) | fwd ratio "
+        f"| fwd+bwd {unit} (ours / theirs) | fwd+bwd ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        times = [
+            f"{t.ours_s * per_second:.{digits}f} / {t.theirs_s * per_second:.{digits}f} "
+            f"| {t.ratio:.3f}"
+            for t in (row["fwd"], row["bwd"])
+        ]
+        lines.append(
+            f"| {row['function']} | {_versus(row['function'])} | {row['classes']} | {row['n']} "
+            f"| {times[0]} | {times[1]} |"
+        )
+    return lines
+
+
 def render_markdown(
     info: dict[str, str], standalone: list[dict], small: list[dict], fused: list[dict]
 ) -> str:
@@ -333,18 +353,7 @@ def render_markdown(
         "`fwd+bwd` is `jax.value_and_grad` of the sum of the output times a random cotangent. "
         "float32, jitted, after warm-up.",
         "",
-        "| function | vs | classes | N | fwd ms (ours / theirs) | fwd ratio "
-        "| fwd+bwd ms (ours / theirs) | fwd+bwd ratio |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in standalone:
-        f, b = row["fwd"], row["bwd"]
-        lines.append(
-            f"| {row['function']} | {_versus(row['function'])} | {row['classes']} | {row['n']} "
-            f"| {f.ours_s * 1e3:.2f} / {f.theirs_s * 1e3:.2f} | {f.ratio:.3f} "
-            f"| {b.ours_s * 1e3:.2f} / {b.theirs_s * 1e3:.2f} | {b.ratio:.3f} |"
-        )
-    lines += [
+        *_ratio_table(standalone, "ms", 1e3, 2),
         "",
         "### Small arrays, per call",
         "",
@@ -352,18 +361,7 @@ def render_markdown(
         "the next: the latency a training step sees. At these sizes most of the time is "
         "dispatch and the runtime's scheduling of the compiled kernels, not arithmetic.",
         "",
-        "| function | vs | classes | N | fwd us (ours / theirs) | fwd ratio "
-        "| fwd+bwd us (ours / theirs) | fwd+bwd ratio |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in small:
-        f, b = row["fwd"], row["bwd"]
-        lines.append(
-            f"| {row['function']} | {_versus(row['function'])} | {row['classes']} | {row['n']} "
-            f"| {f.ours_s * 1e6:.0f} / {f.theirs_s * 1e6:.0f} | {f.ratio:.3f} "
-            f"| {b.ours_s * 1e6:.0f} / {b.theirs_s * 1e6:.0f} | {b.ratio:.3f} |"
-        )
-    lines += [
+        *_ratio_table(small, "us", 1e6, 0),
         "",
         "### Fused `linear_softmax_cross_entropy` vs optax on `x @ w`",
         "",
