@@ -282,6 +282,52 @@ def _fresh_rows(i, start, n: int, chunk: int):
     return start + lax.iota(jnp.int32, chunk) >= i * chunk
 
 
+def _varying_axes(a) -> frozenset:
+    """The manual mesh axes ``a`` varies over inside ``jax.shard_map`` (none elsewhere).
+
+    Read from its type: ``manual_axis_type.varying`` in this JAX, ``vma`` in others.
+    """
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_like(inputs, *carries):
+    """The loop's initial carries, typed as varying over the inputs' manual mesh axes.
+
+    Inside ``jax.shard_map`` a loop carry must keep its type, and one computed
+    from per-device inputs varies over their mesh axes, so its initial zeros
+    must too. Elsewhere there are no such axes and the carries are unchanged.
+    """
+    axes = frozenset().union(*(_varying_axes(a) for a in inputs if a is not None))
+
+    def cast(carry):
+        missing = axes - _varying_axes(carry)
+        if not missing:
+            return carry
+        return lax.pcast(carry, tuple(sorted(missing)), to="varying")
+
+    return tuple(None if c is None else cast(c) for c in carries)
+
+
+def _typed_like(gradient, primal):
+    """``gradient`` varying over exactly the manual mesh axes ``primal`` varies over.
+
+    Inside ``jax.shard_map`` the cotangent of an input the same on every device
+    (say ``w``, with ``x`` split by rows) is the sum of every device's, as JAX's
+    own autodiff gives it; elsewhere nothing changes.
+    """
+    if gradient is None:
+        return None
+    axes = _varying_axes(primal)
+    extra = _varying_axes(gradient) - axes
+    if extra:
+        gradient = lax.psum(gradient, tuple(sorted(extra)))
+    return _varying_like((primal,), gradient)[0]
+
+
 def _loss_pass(cfg: _Config, x, w, b, y, coef):
     """Per-row weighted losses ``coef_i * loss_i`` (0 where ``coef_i == 0``) and row statistics.
 
@@ -310,7 +356,8 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         log_sums = lax.dynamic_update_slice_in_dim(log_sums, log_sum, start, 0)
         return rows, maxima, log_sums
 
-    rows, maxima, log_sums = lax.fori_loop(0, -(-n // chunk), body, (jnp.zeros((n,), acc),) * 3)
+    init = _varying_like((x, w, b, y, coef), *(jnp.zeros((n,), acc),) * 3)
+    rows, maxima, log_sums = lax.fori_loop(0, -(-n // chunk), body, init)
     return rows, (maxima, log_sums)
 
 
@@ -389,7 +436,8 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
             dw = dw_update(dw, x_live, g_mm, g_scale)
         return rows, dx, dw, db
 
-    init = (
+    init = _varying_like(
+        (x, w, b, y, coef, *(stats_saved or ())),
         jnp.zeros((n,), acc) if want_loss else None,
         jnp.zeros((n, d), acc) if need_x else None,
         jnp.zeros((d, num_classes), acc) if need_w else None,
@@ -430,7 +478,10 @@ def _fused_fwd(cfg: _Config, x, w, b, y, coef):
     # They stay in the accumulation dtype (one rounding, in the backward, for 16-bit
     # inputs); zero-size markers carry the dtypes to return them in.
     rows, dx, dw, db = _grad_pass(cfg, x, w, b, y, coef, None, need_x, need_w, need_b)
-    markers = tuple(None if t is None else jnp.zeros((0,), t.dtype) for t in (x, w, b))
+    # Markers are typed as their inputs (also over shard_map's manual axes).
+    markers = tuple(
+        None if t is None else _varying_like((t,), jnp.zeros((0,), t.dtype))[0] for t in (x, w, b)
+    )
     return jnp.sum(rows), ((dx, dw, db), markers)
 
 
@@ -444,7 +495,7 @@ def _fused_bwd(cfg: _Config, res, g):
         def scale(t, marker):
             if t is None:
                 return None
-            return (g.astype(t.dtype) * t).astype(marker.dtype)
+            return _typed_like((g.astype(t.dtype) * t).astype(marker.dtype), marker)
 
         return tuple(scale(t, m) for t, m in zip(grads, markers, strict=True)) + (None, None)
     (x, w, b, y, coef, stats), flags = res
@@ -452,8 +503,8 @@ def _fused_bwd(cfg: _Config, res, g):
     _, dx, dw, db = _grad_pass(
         cfg, x, w, b, y, weight, stats, "x" in flags, "w" in flags, "b" in flags
     )
-    db = None if b is None or db is None else _cast(db, b)
-    return (_cast(dx, x), _cast(dw, w), db, None, None)
+    db = None if b is None or db is None else _typed_like(_cast(db, b), b)
+    return (_typed_like(_cast(dx, x), x), _typed_like(_cast(dw, w), w), db, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -577,8 +628,9 @@ def linear_softmax_cross_entropy(
 
       Under JAX's explicit sharding (inside ``jax.set_mesh``) split inputs are
       gathered whole onto each device first: correct, but every device does
-      all the work. Inside ``jax.shard_map`` (each device its own rows) it
-      does not trace yet: the chunk loop's carries lack the varying-axes type.
+      all the work. Inside ``jax.shard_map`` each device computes the loss of
+      its own rows; the gradients of inputs the same on every device (``w``
+      and ``b``, say) are summed over the devices, as JAX's autodiff does.
 
       This is a ``jax.custom_vjp``: ``jax.grad``/``jax.vjp`` use the closed-form
       gradients; forward mode (``jax.jvp``, ``jax.jacfwd``) raises. For a scalar

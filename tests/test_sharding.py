@@ -1,8 +1,16 @@
-"""Every public function under JAX's explicit sharding (sharding in types), on a 1-device mesh.
+"""Every public function under JAX's explicit sharding and inside ``jax.shard_map``.
 
-A split batch axis makes JAX type-check every gather, scatter and loop carry
-against the operands' shardings; the results must equal the unsharded ones.
+Explicit sharding (sharding in types) on a 1-device mesh: a split batch axis
+makes JAX type-check every gather, scatter and loop carry against the operands'
+shardings; the results must equal the unsharded ones. ``shard_map`` on 4 CPU
+devices, in a subprocess (``tests/shard_map_cases.py``): each device its own
+rows, the per-device losses summed, against float64 closed forms.
 """
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -97,3 +105,38 @@ def test_fused_loss_is_gathered_whole_and_matches(rng, mesh):
     assert jax.typeof(dx).sharding.spec[0] == "batch"
     assert ref.rel_err(value, expected) < 1e-6
     assert ref.rel_err(dx, expected_dx) < 1e-6 and ref.rel_err(dw, expected_dw) < 1e-6
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD_MAP_CASES = (
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "softmax_cross_entropy",
+    "integer labels, masked",
+    "fused, sum",
+    "fused, none",
+)
+
+
+@pytest.fixture(scope="module", params=["this backend", "other backends"])
+def shard_map_results(request):
+    """The results of ``tests/shard_map_cases.py`` run on 4 host devices."""
+    argv = [sys.executable, "-m", "tests.shard_map_cases"]
+    if request.param == "other backends":
+        argv.append("--other-backends")
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["devices"] == 4
+    return report["results"]
+
+
+@pytest.mark.parametrize("name", SHARD_MAP_CASES)
+def test_inside_shard_map_each_device_its_rows(shard_map_results, name):
+    """Values and gradients, ``w`` and ``b``'s summed over the devices, as in float64."""
+    result = shard_map_results[name]
+    assert "error" not in result, result.get("error")
+    assert result["value"] < 1e-5
+    assert max(result["grads"]) < 1e-5
+    assert all(result["grads_split_as_inputs"])
