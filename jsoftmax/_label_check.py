@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import checkify
 from jax.interpreters import ad, batching, mlir
 
@@ -55,7 +56,10 @@ def checked_labels(
     flat = in_range.reshape(-1)
     if flat.size:
         first_bad = jnp.argmin(flat).astype(jnp.int32)
-        value = labels.reshape(-1)[first_bad]
+        # A masked sum, not labels[first_bad]: a dynamic index into a split axis
+        # does not type-check under explicit sharding.
+        at_first_bad = lax.iota(jnp.int32, flat.size) == first_bad
+        value = jnp.sum(jnp.where(at_first_bad, labels.reshape(-1), jnp.zeros((), labels.dtype)))
     else:
         first_bad, value = jnp.zeros((), jnp.int32), jnp.zeros((), labels.dtype)
     allowed = f"[0, {num_classes})" + (

@@ -541,12 +541,81 @@ def _replicated(*arrays):
     The chunk loop walks the rows of whole arrays (a ``dynamic_slice`` of a split
     axis does not type-check), so each device computes the whole loss.
     """
-    shardings = [explicit_sharding(a) for a in arrays if a is not None]
-    mesh = next((sharding.mesh for sharding in shardings if sharding is not None), None)
-    if mesh is None:
+    split = [a for a in arrays if a is not None and explicit_sharding(a) is not None]
+    if not split:
         return arrays
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return tuple(None if a is None else jax.sharding.reshard(a, whole) for a in arrays)
+    if not all(_is_concrete(a) for a in arrays if a is not None):
+        return _resharded(arrays, explicit_sharding(split[0]).mesh, jax.sharding.PartitionSpec())
+    # Called eagerly: put onto the arrays' mesh if one is set (jax.set_mesh), else
+    # onto one device; without a mesh context the loop's fresh arrays carry no mesh.
+    mesh = split[0].sharding.mesh
+    if jax.sharding.get_abstract_mesh().empty:
+        whole = jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
+    else:
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return tuple(None if a is None else jax.device_put(a, whole) for a in arrays)
+
+
+def _resharded(arrays, mesh, spec):
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return tuple(None if a is None else jax.sharding.reshard(a, sharding) for a in arrays)
+
+
+def _is_concrete(array) -> bool:
+    return not isinstance(array, jax.core.Tracer)
+
+
+def _rows_split(x: jax.Array):
+    """The mesh and mesh axes that split ``x``'s examples under explicit sharding, or None.
+
+    Only a split of the first batch axis, the others whole, keeps each device's
+    examples contiguous once the batch axes are flattened. Only for a traced
+    ``x`` (under ``jit`` or ``grad``): run eagerly, ``shard_map`` does not take
+    ``_fused``'s symbolic zeros.
+    """
+    sharding = explicit_sharding(x)
+    if sharding is None or x.ndim < 2 or _is_concrete(x):
+        return None
+    spec = (*sharding.spec, *(None,) * x.ndim)[: x.ndim]
+    if spec[0] is None or any(part is not None for part in spec[1:-1]):
+        return None
+    return sharding.mesh, spec[0]
+
+
+def _split_by_rows(split, x, w, b, labels, mask):
+    """The inputs laid out for data parallelism: examples split as ``split``, ``w``, ``b`` whole."""
+    mesh, rows_axes = split
+    x, labels, mask = _resharded((x, labels, mask), mesh, jax.sharding.PartitionSpec(rows_axes))
+    w, b = _resharded((w, b), mesh, jax.sharding.PartitionSpec())
+    return x, w, b, labels, mask
+
+
+def _devices_along(split) -> int:
+    mesh, rows_axes = split
+    names = rows_axes if isinstance(rows_axes, tuple) else (rows_axes,)
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def _fused_by_rows(cfg: _Config, split, x, w, b, y, coef):
+    """``_fused`` on each device's own examples (``jax.shard_map``), their sums added up.
+
+    The gradients of ``w`` and ``b`` are summed over the devices by
+    ``_fused``'s backward (see ``_typed_like``).
+    """
+    mesh, rows_axes = split
+    rows, whole = jax.sharding.PartitionSpec(rows_axes), jax.sharding.PartitionSpec()
+
+    def local(x, w, y, coef, *bias):
+        out = _fused(cfg, x, w, bias[0] if bias else None, y, coef)
+        return out if cfg.reduction == "none" else lax.psum(out, rows_axes)
+
+    bias = () if b is None else (b,)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(rows, whole, rows, rows, *(whole for _ in bias)),
+        out_specs=rows if cfg.reduction == "none" else whole,
+    )(x, w, y, coef, *bias)
 
 
 def _example_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
@@ -626,11 +695,14 @@ def linear_softmax_cross_entropy(
       reports the label and its position, while under plain ``jit`` the check
       compiles to nothing and adds no effect.
 
-      Under JAX's explicit sharding (inside ``jax.set_mesh``) split inputs are
-      gathered whole onto each device first: correct, but every device does
-      all the work. Inside ``jax.shard_map`` each device computes the loss of
-      its own rows; the gradients of inputs the same on every device (``w``
-      and ``b``, say) are summed over the devices, as JAX's autodiff does.
+      Under JAX's explicit sharding (inside ``jax.set_mesh``), examples split
+      over devices by their first batch axis stay split: each device computes
+      the loss and gradients of its own rows with ``w`` and ``b`` whole, and
+      the sums are added up across devices (data parallelism). Inputs split
+      any other way are gathered whole first: correct, but every device then
+      does all the work. Inside ``jax.shard_map`` each device computes the
+      loss of its own rows; the gradients of inputs the same on every device
+      (``w`` and ``b``, say) are summed over the devices, as JAX's autodiff does.
 
       This is a ``jax.custom_vjp``: ``jax.grad``/``jax.vjp`` use the closed-form
       gradients; forward mode (``jax.jvp``, ``jax.jacfwd``) raises. For a scalar
@@ -671,7 +743,11 @@ def linear_softmax_cross_entropy(
         )
     mask = _example_mask(where, batch_shape)
 
-    x, w, b, labels, mask = _replicated(x, w, b, labels, mask)
+    split = _rows_split(x)
+    if split is None:
+        x, w, b, labels, mask = _replicated(x, w, b, labels, mask)
+    else:
+        x, w, b, labels, mask = _split_by_rows(split, x, w, b, labels, mask)
     acc = compute_dtype(x.dtype, w.dtype)
     if x.dtype != w.dtype:
         x, w = x.astype(acc), w.astype(acc)
@@ -708,7 +784,8 @@ def linear_softmax_cross_entropy(
             return jnp.zeros(batch_shape, acc) + zero
         return zero
 
-    chunk = min(chunk_size or default_chunk_size(n, d, num_classes), n)
+    local_n = n if split is None else n // _devices_along(split)
+    chunk = min(chunk_size or default_chunk_size(local_n, d, num_classes), local_n)
     cfg = _Config(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -724,7 +801,11 @@ def linear_softmax_cross_entropy(
         # differs from the entry it came from, and exp(z - m) can overflow. A zero
         # feature keeps it a matmul, computed once.
         x, w = jnp.pad(x, ((0, 0), (0, 1))), jnp.pad(w, ((0, 1), (0, 0)))
-    out = _fused(cfg, x, w, b, y.reshape(n), coef.reshape(n))
+    y, coef = y.reshape(n), coef.reshape(n)
+    if split is None:
+        out = _fused(cfg, x, w, b, y, coef)
+    else:
+        out = _fused_by_rows(cfg, split, x, w, b, y, coef)
     if reduction == "none":
         return out.reshape(batch_shape)
     return out

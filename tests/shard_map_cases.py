@@ -1,16 +1,20 @@
-"""Every public function inside ``jax.shard_map`` on 4 CPU devices; run as a script.
+"""Every public function on 4 CPU devices, the rows split over them; run as a script.
 
 ``tests/test_sharding.py`` runs this in a subprocess, since the number of host
 devices is fixed when JAX starts. Each device gets a quarter of the rows (the
-weights of the fused loss whole), the per-device losses are summed with
-``psum``, and the value and gradients are compared with float64 closed forms.
-Prints one JSON object: per case, the relative errors or the exception.
-``--other-backends`` runs the GPU/TPU forms of ``_stable.by_backend`` instead.
+weights of the fused loss whole). By default each case runs inside
+``jax.shard_map``, the per-device losses summed with ``psum``; with
+``--explicit`` on the whole split arrays (JAX's explicit sharding), which also
+reports the flops each device does. The value and gradients are compared with
+float64 closed forms. Prints one JSON object: per case, the relative errors or
+the exception. ``--other-backends`` runs the GPU/TPU forms of
+``_stable.by_backend`` instead.
 """
 
 import json
 import os
 import sys
+from functools import partial
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -59,8 +63,12 @@ def fused_reference(data, row_weights):
     return np.sum(row_weights * loss), (d_logits @ w.T, x.T @ d_logits, d_logits.sum(0))
 
 
-def cases(data):
-    """name -> (per-device loss, argument names, their specs, float64 value and gradients)."""
+def cases(data, explicit):
+    """name -> (loss, argument names, their specs, float64 value and gradients).
+
+    Inside ``shard_map`` the loss is each device's own, then summed; a mean
+    would be each device's mean, so the global mean is an ``explicit`` case only.
+    """
     z, ct, labels = data["logits"], data["cotangent"], data["labels"]
     mask = data["example_mask"]
     int_ce = jsoftmax.softmax_cross_entropy_with_integer_labels
@@ -97,7 +105,7 @@ def cases(data):
         np.sum(np.where(mask, int_loss, 0.0)),
         (np.where(mask[:, None], ref.softmax(z) - onehot, 0.0),),
     )
-    found["fused, sum"] = (
+    found["fused, sum, chunk_size=4"] = (
         lambda x, w, b, y: jsoftmax.linear_softmax_cross_entropy(
             x, w, y, b=b, reduction="sum", chunk_size=4
         ),
@@ -105,13 +113,21 @@ def cases(data):
         (ROWS, P(), P(), ROWS),
         *fused_reference(data, np.ones(N)),
     )
-    found["fused, none"] = (
+    found["fused, none, chunk_size=4"] = (
         lambda x, w, b, y, r: jnp.sum(
             r * jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, reduction="none", chunk_size=4)
         ),
         ("x", "w", "b", "labels", "row_weights"),
         (ROWS, P(), P(), ROWS, ROWS),
         *fused_reference(data, row_weights),
+    )
+    if not explicit:
+        return found
+    found["fused, mean, masked, default chunk"] = (
+        lambda x, w, b, y, m: jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, where=m),
+        ("x", "w", "b", "labels", "example_mask"),
+        (ROWS, P(), P(), ROWS, ROWS),
+        *fused_reference(data, mask / np.sum(mask)),
     )
     return found
 
@@ -122,16 +138,38 @@ def first_axis(spec):
 
 
 def run_case(mesh, data, case):
+    """The case inside ``shard_map``: each device its rows, the losses summed."""
     local_loss, names, specs, expected, expected_grads = case
-    args = [
-        jax.device_put(jnp.asarray(data[n]), NamedSharding(mesh, s))
-        for n, s in zip(names, specs, strict=True)
-    ]
-    num_float = len(expected_grads)
     total = jax.shard_map(
         lambda *a: jax.lax.psum(local_loss(*a), "rows"), in_specs=specs, out_specs=P()
     )
-    value, grads = jax.jit(jax.value_and_grad(total, argnums=tuple(range(num_float))))(*args)
+    return compare(mesh, data, total, names, specs, expected, expected_grads)
+
+
+def run_case_explicit(mesh, data, case):
+    """The case on whole arrays split as ``specs`` (explicit sharding), no ``shard_map``.
+
+    Also reports the compiled gradient's flops per device against the same
+    function's on unsplit inputs: about 1/4 when each device does its share.
+    """
+    loss, names, specs, expected, expected_grads = case
+    result = compare(mesh, data, loss, names, specs, expected, expected_grads)
+    gradient = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(expected_grads)))))
+    split = [put(mesh, data[n], s) for n, s in zip(names, specs, strict=True)]
+    whole = [put(mesh, data[n], P()) for n in names]
+    flops = [gradient.lower(*args).compile().cost_analysis()["flops"] for args in (split, whole)]
+    result["flops_ratio"] = flops[0] / flops[1]
+    return result
+
+
+def put(mesh, array, spec):
+    return jax.device_put(jnp.asarray(array), NamedSharding(mesh, spec))
+
+
+def compare(mesh, data, loss, names, specs, expected, expected_grads):
+    args = [put(mesh, data[n], s) for n, s in zip(names, specs, strict=True)]
+    num_float = len(expected_grads)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(num_float))))(*args)
     return {
         "value": ref.rel_err(value, expected),
         "grads": [ref.rel_err(g, e) for g, e in zip(grads, expected_grads, strict=True)],
@@ -142,18 +180,65 @@ def run_case(mesh, data, case):
     }
 
 
+def outside_jit_cases(mesh, data):
+    """name -> a check of the fused loss or integer labels on split arrays, run eagerly
+    (inside ``jax.set_mesh`` or not) or jitted without a mesh context."""
+    expected, expected_grads = fused_reference(data, np.ones(N))
+    x, y = put(mesh, data["x"], ROWS), put(mesh, data["labels"], ROWS)
+    w, b = data["w"], data["b"]
+    z = put(mesh, data["logits"], ROWS)
+    int_expected = np.sum(ref.cross_entropy_int(data["logits"], data["labels"])[0])
+
+    def fused(x, w, b, y):
+        return jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, reduction="sum")
+
+    def int_ce(z, y):
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(z, y, reduction="sum")
+
+    def fused_gradient(gradient_fn):
+        value, grads = gradient_fn(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, w, b, y)
+        return errors(value, expected, grads, expected_grads)
+
+    def in_mesh_context(check):
+        with jax.set_mesh(mesh):
+            return check()
+
+    return {
+        "fused, eager value_and_grad": lambda: in_mesh_context(lambda: fused_gradient(lambda f: f)),
+        "fused, eager": lambda: in_mesh_context(lambda: errors(fused(x, w, b, y), expected)),
+        "fused, eager, no mesh context": lambda: errors(fused(x, w, b, y), expected),
+        "fused, jit, no mesh context": lambda: fused_gradient(jax.jit),
+        "integer labels, jit, no mesh context": lambda: errors(jax.jit(int_ce)(z, y), int_expected),
+    }
+
+
+def errors(value, expected, grads=(), expected_grads=()):
+    return {
+        "value": ref.rel_err(value, expected),
+        "grads": [ref.rel_err(g, e) for g, e in zip(grads, expected_grads, strict=True)],
+    }
+
+
+def reported(check):
+    """The check's result, or the exception it raised, for the test to fail on."""
+    try:
+        return check()
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def main():
     if "--other-backends" in sys.argv[1:]:
         _stable.by_backend = lambda *args, cpu, other: other(*args)
+    explicit = "--explicit" in sys.argv[1:]
+    run = run_case_explicit if explicit else run_case
     mesh = jax.make_mesh((DEVICES,), ("rows",), axis_types=(AxisType.Explicit,))
     data = problem()
-    results = {}
+    checks = {name: partial(run, mesh, data, case) for name, case in cases(data, explicit).items()}
     with jax.set_mesh(mesh):
-        for name, case in cases(data).items():
-            try:
-                results[name] = run_case(mesh, data, case)
-            except Exception as error:  # reported to the test, which fails on it
-                results[name] = {"error": f"{type(error).__name__}: {error}"}
+        results = {name: reported(check) for name, check in checks.items()}
+    if explicit:
+        results.update({n: reported(c) for n, c in outside_jit_cases(mesh, data).items()})
     print(json.dumps({"devices": jax.device_count(), "results": results}))
 
 
