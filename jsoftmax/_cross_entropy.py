@@ -40,9 +40,11 @@ from jsoftmax._validation import (
     check_z_loss,
     compute_dtype,
     explicit_sharding,
+    laid_out_like,
     normalize_axes,
     reduce_losses,
     reduced_shape,
+    split_along,
     split_mask,
 )
 
@@ -96,11 +98,16 @@ def _prepare_weights(
     return lax.stop_gradient(weights)
 
 
-def _per_class(weights: jax.Array | None, shape, axes, dtype) -> jax.Array | None:
-    """The class weights laid along the class axes of ``shape`` (broadcastable)."""
+def _per_class(weights: jax.Array | None, like: jax.Array, axes, dtype) -> jax.Array | None:
+    """The class weights laid along the class axes of ``like`` (broadcastable to it)."""
     if weights is None:
         return None
-    return weights.astype(dtype)[_flat_class_index(shape, axes)]
+    return laid_out_like(like, weights.astype(dtype)[_flat_class_index(like.shape, axes)])
+
+
+def _is_label(like: jax.Array, label_index: jax.Array, axes) -> jax.Array:
+    """True at each example's label, as a mask of ``like``'s shape (and layout)."""
+    return laid_out_like(like, _flat_class_index(like.shape, axes)) == label_index
 
 
 def _num_taking_part(logit_mask, shape, axes, dtype) -> jax.Array | float:
@@ -233,7 +240,7 @@ def _soft_coefficients(y, weights, logit_mask, config, shape, dtype):
         else (1 - smoothing) * y
         + smoothing / _num_taking_part(logit_mask, shape, config.axes, dtype)
     )
-    class_weight = _per_class(weights, shape, config.axes, dtype)
+    class_weight = _per_class(weights, y, config.axes, dtype)
     if class_weight is not None:
         coefficient = class_weight * coefficient
     if logit_mask is not None:
@@ -309,7 +316,7 @@ def _soft_bwd(config, residuals, g):
 
     # d loss / d y_c = (1 - e) w_c (lse - z_c) on the classes taking part.
     label_scale = g * (1 - config.label_smoothing)
-    class_weight = _per_class(weights, logits.shape, axes, dtype)
+    class_weight = _per_class(weights, logits, axes, dtype)
     if class_weight is not None:
         label_scale = label_scale * class_weight
     log_probs = _stable.shifted_again(logits.astype(dtype), m) - _stable.safe_log_s(log_s)
@@ -419,9 +426,9 @@ def softmax_cross_entropy(
       max and log-sum) and is reverse mode only: ``jax.jvp`` raises.
     """
     logits = as_float_array("logits", logits)
-    labels = _soft_labels(labels, logits)
+    labels = laid_out_like(logits, _soft_labels(labels, logits))
     axes = normalize_axes(axis, logits.ndim)
-    logit_mask, example_mask = split_mask(where, logits.shape, axes)
+    logit_mask, example_mask = split_mask(where, logits, axes)
     weights = _prepare_weights(class_weights, logits.shape, axes)
     config = _Config(axes, check_label_smoothing(label_smoothing), check_z_loss(z_loss))
     check_reduction(reduction)
@@ -460,9 +467,9 @@ def _label_logit(logits, label_index, axes, dtype):
     them, which the forward's sum then cannot fuse, so 16-bit logits would be
     copied out in float32 (measured 3x slower).
     """
-    if len(axes) != 1:
+    if len(axes) != 1 or split_along(logits, axes):
         x = logits.astype(dtype)
-        is_label = _flat_class_index(x.shape, axes) == label_index
+        is_label = _is_label(x, label_index, axes)
         return jnp.sum(jnp.where(is_label, x, jnp.zeros_like(x)), axis=axes, keepdims=True)
     if logits.dtype == dtype:
         return jnp.take_along_axis(logits, label_index, axis=axes[0])
@@ -479,7 +486,7 @@ def _smoothing_parts(xm, m, logit_mask, weights, config):
     axes = config.axes
     shape, dtype = xm.shape, xm.dtype
     share = smoothing / _num_taking_part(logit_mask, shape, axes, dtype)
-    class_weight = _per_class(weights, shape, axes, dtype)
+    class_weight = _per_class(weights, xm, axes, dtype)
     if class_weight is None:
         class_weight = jnp.ones(tuple(1 for _ in shape), dtype)
     if logit_mask is not None:
@@ -558,7 +565,7 @@ def _subtract_at_labels(d_logits, amount, label_index, axes):
         amount = jnp.broadcast_to(jnp.squeeze(amount, axis), labels.shape)
         grids = list(jnp.indices(labels.shape, sparse=True))
         return d_logits.at[(*grids[:axis], labels, *grids[axis:])].add(-amount)
-    is_label = _flat_class_index(d_logits.shape, axes) == label_index
+    is_label = _is_label(d_logits, label_index, axes)
     return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))
 
 
@@ -638,7 +645,8 @@ def softmax_cross_entropy_with_integer_labels(
             f"labels shape {labels.shape} does not match the logits shape {logits.shape} "
             f"without the class axis {axes}: expected {example_shape}"
         )
-    logit_mask, example_mask = split_mask(where, logits.shape, axes)
+    labels = laid_out_like(logits, labels, axes)
+    logit_mask, example_mask = split_mask(where, logits, axes)
     weights = _prepare_weights(class_weights, logits.shape, axes)
     config = _Config(
         axes,

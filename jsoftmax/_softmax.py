@@ -18,7 +18,7 @@ def _prepare(
     """Checks the arguments; returns the array, the class axes and one broadcastable mask."""
     array = as_float_array("x", x)
     axes = normalize_axes(axis, array.ndim)
-    logit_mask, example_mask = split_mask(where, array.shape, axes)
+    logit_mask, example_mask = split_mask(where, array, axes)
     return array, axes, logit_mask if logit_mask is not None else example_mask
 
 

@@ -47,6 +47,8 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
+from jsoftmax._validation import split_along
+
 
 def by_backend(*args, cpu, other):
     """``cpu(*args)`` when compiled for XLA:CPU, ``other(*args)`` for GPU and TPU.
@@ -230,7 +232,7 @@ def _by_row_length(x, mask, axes: tuple[int, ...], dtype, whole, by_blocks):
     Off XLA:CPU rows are reduced whole: a GPU's reductions do not slow down on
     long rows, and the blocks' extra pass made them slower there.
     """
-    block = _block_size(x.shape, dtype, axes)
+    block = None if split_along(x, axes) else _block_size(x.shape, dtype, axes)
     if block is None:
         return whole(x, mask)
     return by_backend(x, mask, cpu=functools.partial(by_blocks, block=block), other=whole)
@@ -531,7 +533,7 @@ def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
     """
     shape = arrays[0].shape
     row_length = _contiguous_row_length(shape, axes)
-    if row_length is None:
+    if row_length is None or split_along(arrays[0], axes):
         return fn(axes, *arrays)
     row_shape = shape[: len(shape) - len(axes)]
     rows = math.prod(row_shape)

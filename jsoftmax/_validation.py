@@ -100,7 +100,7 @@ def as_bool_mask(where: ArrayLike) -> jax.Array:
 
 
 def split_mask(
-    where: ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
+    where: ArrayLike | None, logits: jax.Array, axes: tuple[int, ...]
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """Sorts a ``where`` mask into a per-logit or a per-example mask.
 
@@ -108,17 +108,19 @@ def split_mask(
     (the class axes removed) is per example; any other shape that broadcasts to
     the logits is per logit, broadcast. Returns ``(logit_mask, example_mask)``,
     at most one of them not None; the example mask has the class axes kept as 1.
+    Under explicit sharding it is split over devices as the logits are.
     """
     if where is None:
         return None, None
     mask = as_bool_mask(where)
+    shape = logits.shape
     example_shape = reduced_shape(shape, axes)
     if mask.shape == shape:
-        return mask, None
+        return laid_out_like(logits, mask), None
     if mask.shape == example_shape:
-        return None, mask.reshape(kept_shape(shape, axes))
+        return None, laid_out_like(logits, mask.reshape(kept_shape(shape, axes)))
     try:
-        return jnp.broadcast_to(mask, shape), None
+        return laid_out_like(logits, jnp.broadcast_to(mask, shape)), None
     except ValueError:
         raise ValueError(
             f"where has shape {mask.shape}, which fits neither the logits {shape} "
@@ -180,6 +182,49 @@ def reduce_losses(
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
     mean = jnp.sum(losses / safe)
     return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
+
+
+def laid_out_like(logits: jax.Array, array: jax.Array | None, axes: tuple[int, ...] = ()):
+    """``array`` split over devices as the logits are, under JAX's explicit sharding.
+
+    For labels and masks: of the logits' shape, with size 1 on some axes
+    (those are whole), or of the shape with the class ``axes`` removed. Mixing
+    layouts in one elementwise op does not type-check (a select needs one), so
+    they follow the logits, whose layout is the user's choice. Without explicit
+    sharding the array is returned as it is.
+    """
+    if array is None:
+        return None
+    mesh = getattr(getattr(jax.typeof(logits), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return array
+    logits_spec = _full_spec(logits)
+    if array.ndim == logits.ndim:
+        target = tuple(
+            part if size == full else None
+            for part, size, full in zip(logits_spec, array.shape, logits.shape, strict=True)
+        )
+    else:
+        target = tuple(part for i, part in enumerate(logits_spec) if i not in axes)
+    if _full_spec(array) == target:
+        return array
+    spec = jax.sharding.PartitionSpec(*target)
+    if isinstance(array, jax.core.Tracer) or isinstance(logits, jax.core.Tracer):
+        return jax.sharding.reshard(array, jax.sharding.NamedSharding(mesh, spec))
+    # Concrete arrays (called eagerly): put onto the logits' concrete mesh.
+    return jax.device_put(array, jax.sharding.NamedSharding(logits.sharding.mesh, spec))
+
+
+def split_along(array: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether explicit sharding splits ``array`` along any of ``axes`` (say, the classes)."""
+    spec = _full_spec(array)
+    return any(spec[a] is not None for a in axes)
+
+
+def _full_spec(array: jax.Array) -> tuple:
+    """The array's partition spec, one entry per axis (None where whole)."""
+    spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None) or ()
+    return (*spec, *(None,) * (array.ndim - len(spec)))
 
 
 def explicit_sharding(array: jax.Array) -> jax.sharding.Sharding | None:

@@ -2,9 +2,10 @@
 
 Explicit sharding (sharding in types) on a 1-device mesh: a split batch axis
 makes JAX type-check every gather, scatter and loop carry against the operands'
-shardings; the results must equal the unsharded ones. ``shard_map`` on 4 CPU
-devices, in a subprocess (``tests/shard_map_cases.py``): each device its own
-rows, the per-device losses summed, against float64 closed forms.
+shardings; the results must equal the unsharded ones. On 4 CPU devices, in a
+subprocess (``tests/multi_device_cases.py``), against float64 closed forms: the
+rows split (explicit sharding, and inside ``shard_map`` each device its own
+rows, the per-device losses summed), and the class axis split.
 """
 
 import json
@@ -120,8 +121,8 @@ FOUR_DEVICE_CASES = (
 
 
 def run_four_device_cases(*options):
-    """The results of ``tests/shard_map_cases.py`` run on 4 host devices."""
-    argv = [sys.executable, "-m", "tests.shard_map_cases", *options]
+    """The results of ``tests/multi_device_cases.py`` run on 4 host devices."""
+    argv = [sys.executable, "-m", "tests.multi_device_cases", *options]
     run = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.splitlines()[-1])
@@ -168,6 +169,29 @@ def test_rows_split_over_four_devices_each_does_its_share(split_results, name):
     assert_matches_float64(result)
     if "chunk_size" not in name:
         assert result["flops_ratio"] < 0.3
+
+
+CLASS_SPLIT_CASES = (
+    "classes split: softmax, logit mask",
+    "classes split: logsumexp, logit mask",
+    "classes split: log_softmax",
+    "classes split: soft labels, options",
+    "classes split: integer labels, options",
+    "classes split: softmax, long rows",
+    "classes split: integer labels, long rows",
+)
+
+
+@pytest.mark.parametrize("name", CLASS_SPLIT_CASES)
+def test_classes_split_over_four_devices(split_results, name):
+    """The class axis split (vocabulary parallelism), labels and masks whole: exact.
+
+    Each device does well under the whole work; the per-row statistics and the
+    per-example terms, small here with 12 classes, are computed on every device.
+    """
+    result = split_results[name]
+    assert_matches_float64(result)
+    assert result["flops_ratio"] < 0.6
 
 
 @pytest.mark.parametrize(

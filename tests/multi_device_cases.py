@@ -34,8 +34,10 @@ from tests import reference as ref  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-DEVICES, N, D, C = 4, 24, 5, 11
+DEVICES, N, D, C = 4, 24, 5, 12
 ROWS = P("rows")
+CLASSES = P(None, "rows")  # the mesh axis splitting the class axis instead
+LONG_N, LONG_C = 4, 40960  # float32 rows of 160 KiB, reduced in blocks on one device
 
 
 def problem():
@@ -50,7 +52,18 @@ def problem():
         "cotangent": rng.standard_normal((N, C)).astype(np.float32),
         "row_weights": rng.uniform(0.5, 2.0, N).astype(np.float32),
         "example_mask": rng.random(N) > 0.3,
+        "logit_mask": (rng.random((N, C)) > 0.3) | (np.arange(C) == 0),
+        "long_logits": (3 * rng.standard_normal((LONG_N, LONG_C))).astype(np.float32),
+        "long_labels": rng.integers(0, LONG_C, LONG_N).astype(np.int32),
+        "long_cotangent": rng.standard_normal((LONG_N, LONG_C)).astype(np.float32),
     }
+
+
+def one_hot(labels, num_classes):
+    return (np.arange(num_classes) == labels[:, None]).astype(np.float64)
+
+
+CLASS_WEIGHTS = np.linspace(0.5, 2.0, C).astype(np.float32)
 
 
 def fused_reference(data, row_weights):
@@ -58,7 +71,7 @@ def fused_reference(data, row_weights):
     x, w, b = ref.to64(data["x"]), ref.to64(data["w"]), ref.to64(data["b"])
     logits = x @ w + b
     loss, _ = ref.cross_entropy_int(logits, data["labels"])
-    onehot = np.eye(C)[data["labels"]]
+    onehot = one_hot(data["labels"], C)
     d_logits = row_weights[:, None] * (special.softmax(logits, axis=-1) - onehot)
     return np.sum(row_weights * loss), (d_logits @ w.T, x.T @ d_logits, d_logits.sum(0))
 
@@ -74,7 +87,7 @@ def cases(data, explicit):
     int_ce = jsoftmax.softmax_cross_entropy_with_integer_labels
     row_weights = ref.to64(data["row_weights"])
     int_loss, _ = ref.cross_entropy_int(z, labels)
-    onehot = np.eye(C)[labels]
+    onehot = one_hot(labels, C)
     found = {}
     for name, function in (("softmax", jsoftmax.softmax), ("log_softmax", jsoftmax.log_softmax)):
         found[name] = (
@@ -180,6 +193,69 @@ def compare(mesh, data, loss, names, specs, expected, expected_grads):
     }
 
 
+def class_split_cases(data):
+    """Cases with the class axis split over the devices, labels and masks whole."""
+    z, ct, labels, probs = data["logits"], data["cotangent"], data["labels"], data["probs"]
+    logit_mask = data["logit_mask"]
+    options = {"class_weights": CLASS_WEIGHTS, "label_smoothing": 0.1, "z_loss": 1e-3}
+    onehot = one_hot(labels, C)
+    long_z, long_labels = data["long_logits"], data["long_labels"]
+    long_ct = data["long_cotangent"]
+    return {
+        "classes split: softmax, logit mask": (
+            lambda z, ct, m: jnp.sum(jsoftmax.softmax(z, where=m) * ct),
+            ("logits", "cotangent", "logit_mask"),
+            (CLASSES, CLASSES, P()),
+            np.sum(ref.softmax(z, mask=logit_mask) * ref.to64(ct)),
+            (ref.softmax_family_vjp("softmax", z, -1, ct, mask=logit_mask),),
+        ),
+        "classes split: logsumexp, logit mask": (
+            lambda z, m: jnp.sum(jsoftmax.logsumexp(z, axis=-1, where=m)),
+            ("logits", "logit_mask"),
+            (CLASSES, P()),
+            np.sum(ref.logsumexp(z, mask=logit_mask)),
+            (ref.softmax(z, mask=logit_mask),),
+        ),
+        "classes split: log_softmax": (
+            lambda z, ct: jnp.sum(jsoftmax.log_softmax(z) * ct),
+            ("logits", "cotangent"),
+            (CLASSES, P()),
+            np.sum(ref.log_softmax(z) * ref.to64(ct)),
+            (ref.softmax_family_vjp("log_softmax", z, -1, ct),),
+        ),
+        "classes split: soft labels, options": (
+            lambda z, y: jnp.sum(jsoftmax.softmax_cross_entropy(z, y, **options)),
+            ("logits", "probs"),
+            (CLASSES, P()),
+            np.sum(ref.cross_entropy_soft(z, probs, CLASS_WEIGHTS, 0.1, 1e-3)),
+            (ref.soft_grad(z, probs, CLASS_WEIGHTS, 0.1, 1e-3),),
+        ),
+        "classes split: integer labels, options": (
+            lambda z, y: jsoftmax.softmax_cross_entropy_with_integer_labels(
+                z, y, reduction="sum", **options
+            ),
+            ("logits", "labels"),
+            (CLASSES, P()),
+            np.sum(ref.cross_entropy_int(z, labels, CLASS_WEIGHTS, None, 0.1, 1e-3)[0]),
+            (ref.soft_grad(z, onehot, CLASS_WEIGHTS, 0.1, 1e-3),),
+        ),
+        "classes split: softmax, long rows": (
+            lambda z, ct: jnp.sum(jsoftmax.softmax(z) * ct),
+            ("long_logits", "long_cotangent"),
+            (CLASSES, CLASSES),
+            np.sum(ref.softmax(long_z) * ref.to64(long_ct)),
+            (ref.softmax_family_vjp("softmax", long_z, -1, long_ct),),
+        ),
+        "classes split: integer labels, long rows": (
+            lambda z, y: jsoftmax.softmax_cross_entropy_with_integer_labels(z, y, reduction="sum"),
+            ("long_logits", "long_labels"),
+            (CLASSES, P()),
+            np.sum(ref.cross_entropy_int(long_z, long_labels)[0]),
+            (ref.softmax(long_z) - one_hot(long_labels, LONG_C),),
+        ),
+    }
+
+
 def outside_jit_cases(mesh, data):
     """name -> a check of the fused loss or integer labels on split arrays, run eagerly
     (inside ``jax.set_mesh`` or not) or jitted without a mesh context."""
@@ -234,7 +310,8 @@ def main():
     run = run_case_explicit if explicit else run_case
     mesh = jax.make_mesh((DEVICES,), ("rows",), axis_types=(AxisType.Explicit,))
     data = problem()
-    checks = {name: partial(run, mesh, data, case) for name, case in cases(data, explicit).items()}
+    all_cases = {**cases(data, explicit), **(class_split_cases(data) if explicit else {})}
+    checks = {name: partial(run, mesh, data, case) for name, case in all_cases.items()}
     with jax.set_mesh(mesh):
         results = {name: reported(check) for name, check in checks.items()}
     if explicit:
