@@ -703,6 +703,9 @@ def linear_softmax_cross_entropy(
       does all the work. Inside ``jax.shard_map`` each device computes the
       loss of its own rows; the gradients of inputs the same on every device
       (``w`` and ``b``, say) are summed over the devices, as JAX's autodiff does.
+      There, call it under ``jit`` (as training steps are): the value alone run
+      eagerly inside ``shard_map`` raises JAX's NotImplementedError for a
+      ``custom_vjp`` with symbolic zeros.
 
       This is a ``jax.custom_vjp``: ``jax.grad``/``jax.vjp`` use the closed-form
       gradients; forward mode (``jax.jvp``, ``jax.jacfwd``) raises. For a scalar
