@@ -77,6 +77,8 @@ from jsoftmax._validation import (
     check_z_loss,
     compute_dtype,
     explicit_sharding,
+    full_spec,
+    is_concrete,
 )
 
 __all__ = ["linear_softmax_cross_entropy"]
@@ -544,7 +546,7 @@ def _replicated(*arrays):
     split = [a for a in arrays if a is not None and explicit_sharding(a) is not None]
     if not split:
         return arrays
-    if not all(_is_concrete(a) for a in arrays if a is not None):
+    if not all(is_concrete(a) for a in arrays if a is not None):
         return _resharded(arrays, explicit_sharding(split[0]).mesh, jax.sharding.PartitionSpec())
     # Called eagerly: put onto the arrays' mesh if one is set (jax.set_mesh), else
     # onto one device; without a mesh context the loop's fresh arrays carry no mesh.
@@ -561,10 +563,6 @@ def _resharded(arrays, mesh, spec):
     return tuple(None if a is None else jax.sharding.reshard(a, sharding) for a in arrays)
 
 
-def _is_concrete(array) -> bool:
-    return not isinstance(array, jax.core.Tracer)
-
-
 def _rows_split(x: jax.Array):
     """The mesh and mesh axes that split ``x``'s examples under explicit sharding, or None.
 
@@ -574,9 +572,9 @@ def _rows_split(x: jax.Array):
     ``_fused``'s symbolic zeros.
     """
     sharding = explicit_sharding(x)
-    if sharding is None or x.ndim < 2 or _is_concrete(x):
+    if sharding is None or x.ndim < 2 or is_concrete(x):
         return None
-    spec = (*sharding.spec, *(None,) * x.ndim)[: x.ndim]
+    spec = full_spec(x)
     if spec[0] is None or any(part is not None for part in spec[1:-1]):
         return None
     return sharding.mesh, spec[0]

@@ -198,7 +198,7 @@ def laid_out_like(logits: jax.Array, array: jax.Array | None, axes: tuple[int, .
     mesh = getattr(getattr(jax.typeof(logits), "sharding", None), "mesh", None)
     if mesh is None or mesh.empty:
         return array
-    logits_spec = _full_spec(logits)
+    logits_spec = full_spec(logits)
     if array.ndim == logits.ndim:
         target = tuple(
             part if size == full else None
@@ -206,10 +206,10 @@ def laid_out_like(logits: jax.Array, array: jax.Array | None, axes: tuple[int, .
         )
     else:
         target = tuple(part for i, part in enumerate(logits_spec) if i not in axes)
-    if _full_spec(array) == target:
+    if full_spec(array) == target:
         return array
     spec = jax.sharding.PartitionSpec(*target)
-    if isinstance(array, jax.core.Tracer) or isinstance(logits, jax.core.Tracer):
+    if not (is_concrete(array) and is_concrete(logits)):
         return jax.sharding.reshard(array, jax.sharding.NamedSharding(mesh, spec))
     # Concrete arrays (called eagerly): put onto the logits' concrete mesh.
     return jax.device_put(array, jax.sharding.NamedSharding(logits.sharding.mesh, spec))
@@ -217,11 +217,16 @@ def laid_out_like(logits: jax.Array, array: jax.Array | None, axes: tuple[int, .
 
 def split_along(array: jax.Array, axes: tuple[int, ...]) -> bool:
     """Whether explicit sharding splits ``array`` along any of ``axes`` (say, the classes)."""
-    spec = _full_spec(array)
+    spec = full_spec(array)
     return any(spec[a] is not None for a in axes)
 
 
-def _full_spec(array: jax.Array) -> tuple:
+def is_concrete(array) -> bool:
+    """True for an array with a value (run eagerly), False for a tracer."""
+    return not isinstance(array, jax.core.Tracer)
+
+
+def full_spec(array: jax.Array) -> tuple:
     """The array's partition spec, one entry per axis (None where whole)."""
     spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None) or ()
     return (*spec, *(None,) * (array.ndim - len(spec)))
