@@ -29,6 +29,11 @@ How it works (all of it plain ``jnp``/``lax``, no custom kernels):
 * ``dw`` is accumulated in place in a ``[D, C]`` loop carry (on XLA:CPU one
   block of columns at a time, which stays in cache), so no second ``[D, C]``
   temporary is made; ``dx`` rows are written once per chunk.
+* Under explicit sharding the examples, the classes, or both can stay split
+  over devices (data and vocabulary parallelism): the same loop runs in a
+  ``shard_map`` on each device's rows and columns; with split classes each
+  chunk's row maximum is a ``pmax`` and its sum of exponentials, label logit
+  and logit sum one ``psum`` over the devices, and ``dx`` is summed once.
 
 With 16-bit inputs the gradient tile is rounded to the input dtype for its two
 matmuls (float32 accumulation). It is weighted relative to the chunk's largest
@@ -120,7 +125,13 @@ def _class_block(d: int, c: int) -> int:
 
 
 class _Config(NamedTuple):
-    """Static settings of one call, hashed into the custom_vjp's nondiff argument."""
+    """Static settings of one call, hashed into the custom_vjp's nondiff argument.
+
+    ``class_axes`` names the mesh axes that split ``w``'s classes inside
+    ``shard_map`` (vocabulary parallelism; empty when each device has them all):
+    each device then holds ``num_classes / devices`` of them, and the per-row
+    reductions over classes are completed across those devices.
+    """
 
     label_smoothing: float
     z_loss: float
@@ -128,6 +139,8 @@ class _Config(NamedTuple):
     reduction: str
     chunk: int
     block: int
+    num_classes: int
+    class_axes: tuple[str, ...] = ()
 
 
 def _dot(a, b, contract_a: int, contract_b: int, dtype):
@@ -140,29 +153,55 @@ def _acc_dtype(x: jax.Array) -> jnp.dtype:
     return compute_dtype(x.dtype)
 
 
+def _first_class(cfg: _Config, local_classes: int):
+    """The class index of this device's first column of ``w`` (0 unless classes are split)."""
+    if not cfg.class_axes:
+        return 0
+    return lax.axis_index(cfg.class_axes) * local_classes
+
+
+def _over_classes(cfg: _Config, reduce, *values):
+    """Per-row partial reductions over this device's classes, completed over all of them.
+
+    ``reduce`` is ``lax.psum`` or ``lax.pmax``; one collective for all ``values``
+    (None entries pass through). Without split classes the values are complete.
+    """
+    if not cfg.class_axes:
+        return values
+    present = [v for v in values if v is not None]
+    done = iter(reduce(present, cfg.class_axes))
+    return tuple(None if v is None else next(done) for v in values)
+
+
+def _capped(cfg: _Config, z):
+    return z if cfg.softcap is None else cfg.softcap * jnp.tanh(z / cfg.softcap)
+
+
 def _logit_tile(cfg: _Config, x_c, w, b, acc):
     """The (soft-capped) logits of one chunk of rows, ``[chunk, C]`` in ``acc``."""
     z = _dot(x_c, w, 1, 0, acc)
     if b is not None:
         z = z + b[None, :]
-    if cfg.softcap is not None:
-        z = cfg.softcap * jnp.tanh(z / cfg.softcap)
-    return z
+    return _capped(cfg, z)
 
 
 def _label_logit(cfg: _Config, x_c, w, b, y_c, acc):
-    """``z[i, y_i]`` for one chunk, computed from ``x_i`` and the column ``w[:, y_i]``.
+    """The raw (not soft-capped) ``z[i, y_i]`` of one chunk, from ``x_i`` and ``w[:, y_i]``.
 
     A second dot product, rounded apart from the tile's (by up to an ulp of the
     logits): read off the tile instead, XLA:CPU keeps a second tile in the
     gradient sweep (64.5 MiB instead of 35.5 at the benchmark's shape).
+    With split classes it is this device's part: 0 unless it holds ``y_i``.
     """
-    w_y = jnp.take(w, y_c, axis=1, mode="clip")  # [D, chunk]; y_c is already in range
+    local_classes = w.shape[1]
+    local_y = y_c - _first_class(cfg, local_classes)
+    w_y = jnp.take(w, local_y, axis=1, mode="clip")  # [D, chunk]; y_c is already in range
     z_y = jnp.sum(x_c.astype(acc) * w_y.T.astype(acc), axis=1)
     if b is not None:
-        z_y = z_y + jnp.take(b, y_c, mode="clip")
-    if cfg.softcap is not None:
-        z_y = cfg.softcap * jnp.tanh(z_y / cfg.softcap)
+        z_y = z_y + jnp.take(b, local_y, mode="clip")
+    if cfg.class_axes:
+        held = (local_y >= 0) & (local_y < local_classes)
+        z_y = jnp.where(held, z_y, jnp.zeros((), acc))
     return z_y
 
 
@@ -180,18 +219,24 @@ def _smoothing_sums(cfg: _Config, w, b, acc):
     return w_sum, b_sum
 
 
-def _mean_logit(cfg: _Config, z, x_c, sums, acc):
-    """Per-row mean of the (soft-capped) logits, for label smoothing; None without it."""
+def _logit_sum(cfg: _Config, z, x_c, sums, acc):
+    """Per-row sum of the (soft-capped) logits, for label smoothing; None without it.
+
+    With split classes, the sum over this device's classes.
+    """
     if cfg.label_smoothing == 0.0:
         return None
     if sums is None:  # soft-capped: not linear in x, read it off the tile
-        return jnp.mean(z, axis=1)
+        return jnp.sum(z, axis=1)
     w_sum, b_sum = sums
-    return (_dot(x_c.astype(acc), w_sum, 1, 0, acc) + b_sum) / z.shape[1]
+    return _dot(x_c.astype(acc), w_sum, 1, 0, acc) + b_sum
 
 
-def _row_loss(cfg: _Config, z, z_y, mean_z, want_probs: bool = False):
+def _row_loss(cfg: _Config, z, z_y, logit_sum, want_probs: bool = False):
     """Per-row loss and statistics (maximum, log-sum) of a logit tile.
+
+    ``z_y`` is the raw label logit and ``logit_sum`` the sum of the row's logits
+    (None without label smoothing); with split classes, of this device's classes.
 
     With ``want_probs`` also returns the softmax of the tile. Without a soft-cap
     it is made from the same ``exp`` as the sum, in place of the tile (which is
@@ -202,17 +247,16 @@ def _row_loss(cfg: _Config, z, z_y, mean_z, want_probs: bool = False):
     (Every tile-sized value here has a single consumer after the reductions, so
     XLA updates the one tile in place instead of keeping a second one.)
     """
-    m = jnp.max(z, axis=1)
-    if z.shape[1] == 1:
-        z_y = m  # the one class's logit, exactly: its cross-entropy is 0, not an ulp of it
+    (m,) = _over_classes(cfg, lax.pmax, jnp.max(z, axis=1))
     eps = cfg.label_smoothing
+    e = jnp.exp(z - m[:, None])
+    shifted_sum, z_y, logit_sum = _over_classes(cfg, lax.psum, jnp.sum(e, axis=1), z_y, logit_sum)
+    z_y = _capped(cfg, z_y)
+    if cfg.num_classes == 1:
+        z_y = m  # the one class's logit, exactly: its cross-entropy is 0, not an ulp of it
     probs = None
     if want_probs and cfg.softcap is None:
-        e = jnp.exp(z - m[:, None])
-        shifted_sum = jnp.sum(e, axis=1)
         probs = e * (1.0 / shifted_sum)[:, None]
-    else:
-        shifted_sum = jnp.sum(jnp.exp(z - m[:, None]), axis=1)
     log_sum = jnp.log(shifted_sum)
     lse = m + log_sum
     if want_probs and probs is None:
@@ -220,7 +264,7 @@ def _row_loss(cfg: _Config, z, z_y, mean_z, want_probs: bool = False):
     # z_y <= m, but computed apart it can exceed m by an ulp: never a negative loss.
     loss = (1.0 - eps) * (log_sum - jnp.minimum(z_y - m, 0.0))
     if eps > 0.0:
-        loss = loss + eps * (log_sum - (mean_z - m))
+        loss = loss + eps * (log_sum - (logit_sum / cfg.num_classes - m))
     if cfg.z_loss > 0.0:
         loss = loss + cfg.z_loss * lse * lse
     return loss, (m, log_sum), probs
@@ -238,13 +282,14 @@ def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
     ``stats`` (each row's max and log-sum) only for the z-loss's.
     ``coef_i == 0`` rows get an exact 0 (even if their logits are not finite).
     """
-    num_classes = probs.shape[1]
+    num_classes = cfg.num_classes
     p = probs
     if cfg.z_loss > 0.0:
         m, log_sum = stats
         p = p * (1.0 + 2.0 * cfg.z_loss * (m + log_sum))[:, None]
     eps = cfg.label_smoothing
-    onehot = lax.broadcasted_iota(jnp.int32, p.shape, 1) == y_c[:, None]
+    local_y = y_c - _first_class(cfg, p.shape[1])
+    onehot = lax.broadcasted_iota(jnp.int32, p.shape, 1) == local_y[:, None]
     target = jnp.where(onehot, 1.0 - eps + eps / num_classes, eps / num_classes)
     g = (p - target.astype(p.dtype)) * coef[:, None]
     if cfg.softcap is not None:
@@ -296,14 +341,17 @@ def _varying_axes(a) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))
 
 
-def _varying_like(inputs, *carries):
+def _varying_like(inputs, *carries, reduced=()):
     """The loop's initial carries, typed as varying over the inputs' manual mesh axes.
 
     Inside ``jax.shard_map`` a loop carry must keep its type, and one computed
     from per-device inputs varies over their mesh axes, so its initial zeros
-    must too. Elsewhere there are no such axes and the carries are unchanged.
+    must too, except over the axes ``reduced`` by a collective (per-row values
+    completed over split classes). Elsewhere there are no such axes and the
+    carries are unchanged.
     """
     axes = frozenset().union(*(_varying_axes(a) for a in inputs if a is not None))
+    axes -= frozenset(reduced)
 
     def cast(carry):
         missing = axes - _varying_axes(carry)
@@ -319,7 +367,8 @@ def _typed_like(gradient, primal):
 
     Inside ``jax.shard_map`` the cotangent of an input the same on every device
     (say ``w``, with ``x`` split by rows) is the sum of every device's, as JAX's
-    own autodiff gives it; elsewhere nothing changes.
+    own autodiff gives it; elsewhere nothing changes. Called before the cast
+    to a 16-bit input's dtype, so the sum is in float32.
     """
     if gradient is None:
         return None
@@ -349,16 +398,16 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         y_c = lax.dynamic_slice_in_dim(y, start, chunk)
         coef_c = lax.dynamic_slice_in_dim(coef, start, chunk)
         z = _logit_tile(cfg, x_c, w, b, acc)
-        mean_z = _mean_logit(cfg, z, x_c, sums, acc)
+        logit_sum = _logit_sum(cfg, z, x_c, sums, acc)
         z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-        loss, (m, log_sum), _ = _row_loss(cfg, z, z_y, mean_z)
+        loss, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_sum)
         row = jnp.where(coef_c != 0, coef_c * loss, jnp.zeros((), acc))
         rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
         maxima = lax.dynamic_update_slice_in_dim(maxima, m, start, 0)
         log_sums = lax.dynamic_update_slice_in_dim(log_sums, log_sum, start, 0)
         return rows, maxima, log_sums
 
-    init = _varying_like((x, w, b, y, coef), *(jnp.zeros((n,), acc),) * 3)
+    init = _varying_like((x, w, b, y, coef), *(jnp.zeros((n,), acc),) * 3, reduced=cfg.class_axes)
     rows, maxima, log_sums = lax.fori_loop(0, -(-n // chunk), body, init)
     return rows, (maxima, log_sums)
 
@@ -372,18 +421,18 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
     Gradients not needed come back as None.
     """
     n, d = x.shape
-    num_classes = w.shape[1]
+    columns = w.shape[1]  # this device's classes
     acc = _acc_dtype(coef)
     chunk, block = cfg.chunk, cfg.block
-    n_blocks = -(-num_classes // block)
+    n_blocks = -(-columns // block)
     want_loss = stats_saved is None
     sums = _smoothing_sums(cfg, w, b, acc) if want_loss else None
 
     def dw_update(dw, x_c, g, g_scale):
         def inner(k, dw):
-            col = jnp.minimum(k * block, num_classes - block)
+            col = jnp.minimum(k * block, columns - block)
             g_k = lax.dynamic_slice_in_dim(g, col, block, axis=1)
-            if num_classes % block:
+            if columns % block:
                 fresh = col + lax.iota(jnp.int32, block) >= k * block
                 g_k = jnp.where(fresh[None, :], g_k, jnp.zeros((), g_k.dtype))
             old = lax.dynamic_slice_in_dim(dw, col, block, axis=1)
@@ -412,9 +461,9 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
             coef_c = jnp.where(fresh, coef_c, jnp.zeros((), acc))
         z = _logit_tile(cfg, x_c, w, b, acc)
         if want_loss:
-            mean_z = _mean_logit(cfg, z, x_c, sums, acc)
+            logit_sum = _logit_sum(cfg, z, x_c, sums, acc)
             z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-            loss, stats, probs = _row_loss(cfg, z, z_y, mean_z, want_probs=True)
+            loss, stats, probs = _row_loss(cfg, z, z_y, logit_sum, want_probs=True)
             row = jnp.where(coef_c != 0, coef_c * loss, jnp.zeros((), acc))
             if fresh is not None:
                 row = jnp.where(fresh, row, lax.dynamic_slice_in_dim(rows, start, chunk))
@@ -438,14 +487,18 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
             dw = dw_update(dw, x_live, g_mm, g_scale)
         return rows, dx, dw, db
 
-    init = _varying_like(
-        (x, w, b, y, coef, *(stats_saved or ())),
-        jnp.zeros((n,), acc) if want_loss else None,
-        jnp.zeros((n, d), acc) if need_x else None,
-        jnp.zeros((d, num_classes), acc) if need_w else None,
-        jnp.zeros((num_classes,), acc) if need_b and b is not None else None,
+    inputs = (x, w, b, y, coef, *(stats_saved or ()))
+    (rows,) = _varying_like(
+        inputs, jnp.zeros((n,), acc) if want_loss else None, reduced=cfg.class_axes
     )
-    return lax.fori_loop(0, -(-n // chunk), body, init)
+    # dx is a partial sum over this device's classes until _typed_like completes it.
+    init = _varying_like(
+        inputs,
+        jnp.zeros((n, d), acc) if need_x else None,
+        jnp.zeros((d, columns), acc) if need_w else None,
+        jnp.zeros((columns,), acc) if need_b and b is not None else None,
+    )
+    return lax.fori_loop(0, -(-n // chunk), body, (rows, *init))
 
 
 def _reduce(cfg: _Config, rows):
@@ -497,7 +550,7 @@ def _fused_bwd(cfg: _Config, res, g):
         def scale(t, marker):
             if t is None:
                 return None
-            return _typed_like((g.astype(t.dtype) * t).astype(marker.dtype), marker)
+            return _typed_like(g.astype(t.dtype) * t, marker).astype(marker.dtype)
 
         return tuple(scale(t, m) for t, m in zip(grads, markers, strict=True)) + (None, None)
     (x, w, b, y, coef, stats), flags = res
@@ -505,8 +558,8 @@ def _fused_bwd(cfg: _Config, res, g):
     _, dx, dw, db = _grad_pass(
         cfg, x, w, b, y, weight, stats, "x" in flags, "w" in flags, "b" in flags
     )
-    db = None if b is None or db is None else _typed_like(_cast(db, b), b)
-    return (_typed_like(_cast(dx, x), x), _typed_like(_cast(dw, w), w), db, None, None)
+    db = None if b is None or db is None else _cast(_typed_like(db, b), b)
+    return (_cast(_typed_like(dx, x), x), _cast(_typed_like(dw, w), w), db, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -563,56 +616,95 @@ def _resharded(arrays, mesh, spec):
     return tuple(None if a is None else jax.sharding.reshard(a, sharding) for a in arrays)
 
 
-def _rows_split(x: jax.Array):
-    """The mesh and mesh axes that split ``x``'s examples under explicit sharding, or None.
+class _Layout(NamedTuple):
+    """How explicit sharding splits the problem: the mesh, and the mesh axes (or None)
+    that split the examples and the classes."""
 
-    Only a split of the first batch axis, the others whole, keeps each device's
-    examples contiguous once the batch axes are flattened. Only for a traced
-    ``x`` (under ``jit`` or ``grad``): run eagerly, ``shard_map`` does not take
-    ``_fused``'s symbolic zeros.
+    mesh: jax.sharding.AbstractMesh
+    rows: tuple[str, ...] | None
+    classes: tuple[str, ...] | None
+
+
+def _mesh_axes(part) -> tuple[str, ...] | None:
+    if part is None:
+        return None
+    return tuple(part) if isinstance(part, tuple) else (part,)
+
+
+def _devices_along(mesh, axes: tuple[str, ...] | None) -> int:
+    return 1 if axes is None else math.prod(mesh.shape[name] for name in axes)
+
+
+def _layout(x: jax.Array, w: jax.Array) -> _Layout | None:
+    """What of the problem explicit sharding splits and stays split, or None.
+
+    Examples split by the first batch axis of ``x`` (the other axes whole, so each
+    device's examples stay contiguous once flattened) are kept split: data
+    parallelism. The classes of ``w`` split over other mesh axes, its features
+    whole, are kept split too, when they divide evenly: vocabulary parallelism.
+    Anything else is gathered. Only for traced inputs (under ``jit`` or ``grad``):
+    run eagerly, ``shard_map`` does not take ``_fused``'s symbolic zeros; and not
+    inside a user's ``shard_map`` over some of the mesh axes, where a nested one
+    does not lower in the backward pass (jax 0.10.2).
     """
-    sharding = explicit_sharding(x)
-    if sharding is None or x.ndim < 2 or is_concrete(x):
+    if (is_concrete(x) and is_concrete(w)) or getattr(
+        jax.sharding.get_abstract_mesh(), "manual_axes", ()
+    ):
         return None
-    spec = full_spec(x)
-    if spec[0] is None or any(part is not None for part in spec[1:-1]):
+    x_sharding, w_sharding = explicit_sharding(x), explicit_sharding(w)
+    rows = classes = mesh = None
+    if x_sharding is not None and x.ndim >= 2:
+        spec = full_spec(x)
+        if all(part is None for part in spec[1:-1]):
+            rows, mesh = _mesh_axes(spec[0]), x_sharding.mesh
+    if w_sharding is not None and (mesh is None or w_sharding.mesh == mesh):
+        d_part, c_part = full_spec(w)
+        c_axes = _mesh_axes(c_part)
+        if (
+            d_part is None
+            and c_axes is not None
+            and not set(c_axes) & set(rows or ())
+            and w.shape[1] % _devices_along(w_sharding.mesh, c_axes) == 0
+        ):
+            classes, mesh = c_axes, w_sharding.mesh
+    if rows is None and classes is None:
         return None
-    return sharding.mesh, spec[0]
+    return _Layout(mesh, rows, classes)
 
 
-def _split_by_rows(split, x, w, b, labels, mask):
-    """The inputs laid out for data parallelism: examples split as ``split``, ``w``, ``b`` whole."""
-    mesh, rows_axes = split
-    x, labels, mask = _resharded((x, labels, mask), mesh, jax.sharding.PartitionSpec(rows_axes))
-    w, b = _resharded((w, b), mesh, jax.sharding.PartitionSpec())
+def _laid_out(layout: _Layout, x, w, b, labels, mask):
+    """The inputs split as ``layout`` says, everything else whole on every device."""
+    rows = jax.sharding.PartitionSpec(layout.rows)
+    x, labels, mask = _resharded((x, labels, mask), layout.mesh, rows)
+    (w,) = _resharded((w,), layout.mesh, jax.sharding.PartitionSpec(None, layout.classes))
+    (b,) = _resharded((b,), layout.mesh, jax.sharding.PartitionSpec(layout.classes))
     return x, w, b, labels, mask
 
 
-def _devices_along(split) -> int:
-    mesh, rows_axes = split
-    names = rows_axes if isinstance(rows_axes, tuple) else (rows_axes,)
-    return math.prod(mesh.shape[name] for name in names)
+def _fused_on_mesh(cfg: _Config, layout: _Layout, x, w, b, y, coef):
+    """``_fused`` on each device's share (``jax.shard_map``), the results put together.
 
-
-def _fused_by_rows(cfg: _Config, split, x, w, b, y, coef):
-    """``_fused`` on each device's own examples (``jax.shard_map``), their sums added up.
-
-    The gradients of ``w`` and ``b`` are summed over the devices by
-    ``_fused``'s backward (see ``_typed_like``).
+    Each device computes the loss of its own examples against its own classes;
+    ``_fused`` completes the per-row reductions over the devices that split the
+    classes, and its backward sums the gradients of inputs the same on every
+    device (see ``_typed_like``). The scalar losses of the devices splitting the
+    examples are added up here.
     """
-    mesh, rows_axes = split
-    rows, whole = jax.sharding.PartitionSpec(rows_axes), jax.sharding.PartitionSpec()
+    P = jax.sharding.PartitionSpec
+    rows, columns = P(layout.rows), P(None, layout.classes)
 
     def local(x, w, y, coef, *bias):
         out = _fused(cfg, x, w, bias[0] if bias else None, y, coef)
-        return out if cfg.reduction == "none" else lax.psum(out, rows_axes)
+        if cfg.reduction == "none" or layout.rows is None:
+            return out
+        return lax.psum(out, layout.rows)
 
     bias = () if b is None else (b,)
     return jax.shard_map(
         local,
-        mesh=mesh,
-        in_specs=(rows, whole, rows, rows, *(whole for _ in bias)),
-        out_specs=rows if cfg.reduction == "none" else whole,
+        mesh=layout.mesh,
+        in_specs=(rows, columns, rows, rows, *(P(layout.classes) for _ in bias)),
+        out_specs=rows if cfg.reduction == "none" else P(),
     )(x, w, y, coef, *bias)
 
 
@@ -695,12 +787,20 @@ def linear_softmax_cross_entropy(
 
       Under JAX's explicit sharding (inside ``jax.set_mesh``), examples split
       over devices by their first batch axis stay split: each device computes
-      the loss and gradients of its own rows with ``w`` and ``b`` whole, and
-      the sums are added up across devices (data parallelism). Inputs split
-      any other way are gathered whole first: correct, but every device then
-      does all the work. Inside ``jax.shard_map`` each device computes the
-      loss of its own rows; the gradients of inputs the same on every device
-      (``w`` and ``b``, say) are summed over the devices, as JAX's autodiff does.
+      the loss and gradients of its own rows, and the sums are added up across
+      devices (data parallelism). The classes of ``w`` (its second axis) split
+      over other mesh axes stay split too, if they divide evenly (vocabulary
+      parallelism): each device computes the logits of its own classes, the
+      per-row maximum, sum of exponentials and label logit are completed
+      across devices for each chunk, and ``dw``, ``db`` come back split as
+      ``w``, ``b``. Inputs split any other way are gathered whole first:
+      correct, but every device then does all the work.
+
+      Inside ``jax.shard_map`` each device computes the loss of its own rows
+      against the ``w`` it is given, taken as the whole head (a per-device
+      block of classes there would give each block's own softmax); the
+      gradients of inputs the same on every device (``w`` and ``b``, say) are
+      summed over the devices, as JAX's autodiff does.
       There, call it under ``jit`` (as training steps are): the value alone run
       eagerly inside ``shard_map`` raises JAX's NotImplementedError for a
       ``custom_vjp`` with symbolic zeros.
@@ -744,11 +844,11 @@ def linear_softmax_cross_entropy(
         )
     mask = _example_mask(where, batch_shape)
 
-    split = _rows_split(x)
-    if split is None:
+    layout = _layout(x, w)
+    if layout is None:
         x, w, b, labels, mask = _replicated(x, w, b, labels, mask)
     else:
-        x, w, b, labels, mask = _split_by_rows(split, x, w, b, labels, mask)
+        x, w, b, labels, mask = _laid_out(layout, x, w, b, labels, mask)
     acc = compute_dtype(x.dtype, w.dtype)
     if x.dtype != w.dtype:
         x, w = x.astype(acc), w.astype(acc)
@@ -785,15 +885,20 @@ def linear_softmax_cross_entropy(
             return jnp.zeros(batch_shape, acc) + zero
         return zero
 
-    local_n = n if split is None else n // _devices_along(split)
-    chunk = min(chunk_size or default_chunk_size(local_n, d, num_classes), local_n)
+    local_n, local_classes = n, num_classes
+    if layout is not None:
+        local_n //= _devices_along(layout.mesh, layout.rows)
+        local_classes //= _devices_along(layout.mesh, layout.classes)
+    chunk = min(chunk_size or default_chunk_size(local_n, d, local_classes), local_n)
     cfg = _Config(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
         reduction=reduction,
         chunk=chunk,
-        block=_class_block(d, num_classes),
+        block=_class_block(d, local_classes),
+        num_classes=num_classes,
+        class_axes=() if layout is None or layout.classes is None else layout.classes,
     )
     x = x.reshape(n, d)
     if d == 1:
@@ -803,10 +908,10 @@ def linear_softmax_cross_entropy(
         # feature keeps it a matmul, computed once.
         x, w = jnp.pad(x, ((0, 0), (0, 1))), jnp.pad(w, ((0, 1), (0, 0)))
     y, coef = y.reshape(n), coef.reshape(n)
-    if split is None:
+    if layout is None:
         out = _fused(cfg, x, w, b, y, coef)
     else:
-        out = _fused_by_rows(cfg, split, x, w, b, y, coef)
+        out = _fused_on_mesh(cfg, layout, x, w, b, y, coef)
     if reduction == "none":
         return out.reshape(batch_shape)
     return out

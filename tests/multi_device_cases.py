@@ -1,4 +1,4 @@
-"""Every public function on 4 CPU devices, the rows split over them; run as a script.
+"""Every public function on 4 CPU devices, the rows or classes split; run as a script.
 
 ``tests/test_sharding.py`` runs this in a subprocess, since the number of host
 devices is fixed when JAX starts. Each device gets a quarter of the rows (the
@@ -26,7 +26,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from scipy import special  # noqa: E402
 
 import jsoftmax  # noqa: E402
 from jsoftmax import _stable  # noqa: E402
@@ -42,7 +41,7 @@ LONG_N, LONG_C = 4, 40960  # float32 rows of 160 KiB, reduced in blocks on one d
 
 def problem():
     rng = np.random.default_rng(0)
-    return {
+    found = {
         "x": rng.standard_normal((N, D)).astype(np.float32),
         "w": rng.standard_normal((D, C)).astype(np.float32),
         "b": rng.standard_normal(C).astype(np.float32),
@@ -57,6 +56,9 @@ def problem():
         "long_labels": rng.integers(0, LONG_C, LONG_N).astype(np.int32),
         "long_cotangent": rng.standard_normal((LONG_N, LONG_C)).astype(np.float32),
     }
+    for name in ("x", "w", "b"):
+        found[name + "16"] = found[name].astype(np.float16)
+    return found
 
 
 def one_hot(labels, num_classes):
@@ -66,14 +68,20 @@ def one_hot(labels, num_classes):
 CLASS_WEIGHTS = np.linspace(0.5, 2.0, C).astype(np.float32)
 
 
-def fused_reference(data, row_weights):
+def fused_reference(
+    data, row_weights, label_smoothing=0.0, z_loss=0.0, softcap=None, names=("x", "w", "b")
+):
     """``sum_i r_i * loss_i`` of ``x @ w + b`` and its gradients for x, w, b, in float64."""
-    x, w, b = ref.to64(data["x"]), ref.to64(data["w"]), ref.to64(data["b"])
-    logits = x @ w + b
-    loss, _ = ref.cross_entropy_int(logits, data["labels"])
-    onehot = one_hot(data["labels"], C)
-    d_logits = row_weights[:, None] * (special.softmax(logits, axis=-1) - onehot)
-    return np.sum(row_weights * loss), (d_logits @ w.T, x.T @ d_logits, d_logits.sum(0))
+    x, w, b = (ref.to64(data[name]) for name in names)
+    raw = x @ w + b
+    logits = raw if softcap is None else softcap * np.tanh(raw / softcap)
+    loss, _ = ref.cross_entropy_int(logits, data["labels"], None, None, label_smoothing, z_loss)
+    target = one_hot(data["labels"], C)
+    d_logits = ref.soft_grad(logits, target, None, label_smoothing, z_loss)
+    if softcap is not None:
+        d_logits = d_logits * (1.0 - np.tanh(raw / softcap) ** 2)
+    d_raw = row_weights[:, None] * d_logits
+    return np.sum(row_weights * loss), (d_raw @ w.T, x.T @ d_raw, d_raw.sum(0))
 
 
 def cases(data, explicit):
@@ -145,9 +153,9 @@ def cases(data, explicit):
     return found
 
 
-def first_axis(spec):
-    """The mesh axis the first dimension is split over, or None."""
-    return (*spec, None)[0]
+def padded(spec, ndim):
+    """The mesh axes each of ``ndim`` dimensions is split over (None where whole)."""
+    return (*spec, *(None,) * (ndim - len(spec)))
 
 
 def run_case(mesh, data, case):
@@ -187,7 +195,7 @@ def compare(mesh, data, loss, names, specs, expected, expected_grads):
         "value": ref.rel_err(value, expected),
         "grads": [ref.rel_err(g, e) for g, e in zip(grads, expected_grads, strict=True)],
         "grads_split_as_inputs": [
-            first_axis(jax.typeof(g).sharding.spec) == first_axis(s)
+            padded(jax.typeof(g).sharding.spec, g.ndim) == padded(s, g.ndim)
             for g, s in zip(grads, specs, strict=False)
         ],
     }
@@ -256,6 +264,94 @@ def class_split_cases(data):
     }
 
 
+def fused_class_split_cases(data):
+    """The fused loss with ``w``'s classes split over the devices (vocabulary parallelism)."""
+    fused = jsoftmax.linear_softmax_cross_entropy
+    smoothing = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    capped = {"logit_softcap": 2.0, "label_smoothing": 0.2}
+    return {
+        "fused, classes split: sum, smoothing, z-loss": (
+            lambda x, w, b, y: fused(x, w, y, b=b, reduction="sum", **smoothing),
+            ("x", "w", "b", "labels"),
+            (P(), CLASSES, P("rows"), P()),
+            *fused_reference(data, np.ones(N), **smoothing),
+        ),
+        "fused, classes split: none, soft-cap, chunk_size=5": (
+            lambda x, w, b, y, r: jnp.sum(
+                r * fused(x, w, y, b=b, reduction="none", chunk_size=5, **capped)
+            ),
+            ("x", "w", "b", "labels", "row_weights"),
+            (P(), CLASSES, P("rows"), P(), P()),
+            *fused_reference(data, ref.to64(data["row_weights"]), 0.2, softcap=2.0),
+        ),
+    }
+
+
+def two_axis_cases(data):
+    """The fused loss on a 2x2 mesh: examples split over "data", classes over "model"."""
+    mask = data["example_mask"]
+    return {
+        "fused, rows and classes split: mean, masked": (
+            lambda x, w, b, y, m: jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, where=m),
+            ("x", "w", "b", "labels", "example_mask"),
+            (P("data"), P(None, "model"), P("model"), P("data"), P("data")),
+            *fused_reference(data, mask / np.sum(mask)),
+        ),
+        "fused, rows and classes split: none": (
+            lambda x, w, b, y, r: jnp.sum(
+                r * jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, reduction="none")
+            ),
+            ("x", "w", "b", "labels", "row_weights"),
+            (P("data"), P(None, "model"), P("model"), P("data"), P("data")),
+            *fused_reference(data, ref.to64(data["row_weights"])),
+        ),
+    }
+
+
+def inside_shard_map_cases(data):
+    """The fused loss inside a user's ``shard_map`` over "data", ``w`` split over "model".
+
+    (Run without the flops comparison: that ``shard_map`` needs its rows split.)
+    """
+    return {
+        "fused, classes split, inside shard_map over the rows": (
+            _inside_shard_map_over_data,
+            ("x", "w", "b", "labels"),
+            (P("data"), P(None, "model"), P("model"), P("data")),
+            *fused_reference(data, np.ones(N)),
+        ),
+    }
+
+
+def _inside_shard_map_over_data(x, w, b, y):
+    """Each "data" device its rows, inside a user's ``shard_map`` over that axis only."""
+
+    def local(x, w, b, y):
+        loss = jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, reduction="sum")
+        return jax.lax.psum(loss, "data")
+
+    rows, whole = P("data"), P()
+    return jax.shard_map(
+        local, in_specs=(rows, whole, whole, rows), out_specs=whole, axis_names={"data"}
+    )(x, w, b, y)
+
+
+def float16_cases(data):
+    """The fused loss in float16 on a 2x2 mesh, split by rows, classes or both."""
+    both = (P("data"), P(None, "model"), P("model"), P("data"))
+    rows = (P("data"), P(), P(), P("data"))
+    classes = (P(), P(None, ("data", "model")), P(("data", "model")), P())
+    return {
+        f"fused, float16, {name} split": (
+            lambda x, w, b, y: jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, reduction="sum"),
+            ("x16", "w16", "b16", "labels"),
+            specs,
+            *fused_reference(data, np.ones(N), names=("x16", "w16", "b16")),
+        )
+        for name, specs in (("rows", rows), ("classes", classes), ("rows and classes", both))
+    }
+
+
 def outside_jit_cases(mesh, data):
     """name -> a check of the fused loss or integer labels on split arrays, run eagerly
     (inside ``jax.set_mesh`` or not) or jitted without a mesh context."""
@@ -310,11 +406,19 @@ def main():
     run = run_case_explicit if explicit else run_case
     mesh = jax.make_mesh((DEVICES,), ("rows",), axis_types=(AxisType.Explicit,))
     data = problem()
-    all_cases = {**cases(data, explicit), **(class_split_cases(data) if explicit else {})}
+    all_cases = cases(data, explicit)
+    if explicit:
+        all_cases.update(**class_split_cases(data), **fused_class_split_cases(data))
     checks = {name: partial(run, mesh, data, case) for name, case in all_cases.items()}
     with jax.set_mesh(mesh):
         results = {name: reported(check) for name, check in checks.items()}
     if explicit:
+        mesh_2x2 = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+        with jax.set_mesh(mesh_2x2):
+            for name, case in {**two_axis_cases(data), **float16_cases(data)}.items():
+                results[name] = reported(partial(run, mesh_2x2, data, case))
+            for name, case in inside_shard_map_cases(data).items():
+                results[name] = reported(partial(compare, mesh_2x2, data, *case))
         results.update({n: reported(c) for n, c in outside_jit_cases(mesh, data).items()})
     print(json.dumps({"devices": jax.device_count(), "results": results}))
 

@@ -5,7 +5,8 @@ makes JAX type-check every gather, scatter and loop carry against the operands'
 shardings; the results must equal the unsharded ones. On 4 CPU devices, in a
 subprocess (``tests/multi_device_cases.py``), against float64 closed forms: the
 rows split (explicit sharding, and inside ``shard_map`` each device its own
-rows, the per-device losses summed), and the class axis split.
+rows, the per-device losses summed), the class axis split, and for the fused
+loss both at once on a 2x2 mesh.
 """
 
 import json
@@ -192,6 +193,47 @@ def test_classes_split_over_four_devices(split_results, name):
     result = split_results[name]
     assert_matches_float64(result)
     assert result["flops_ratio"] < 0.6
+
+
+FUSED_CLASS_SPLIT_CASES = (
+    "fused, classes split: sum, smoothing, z-loss",
+    "fused, classes split: none, soft-cap, chunk_size=5",
+    "fused, rows and classes split: mean, masked",
+    "fused, rows and classes split: none",
+)
+
+
+@pytest.mark.parametrize("name", FUSED_CLASS_SPLIT_CASES)
+def test_fused_loss_with_classes_split_keeps_them_split(split_results, name):
+    """``w``'s classes split over 4 devices (or 2, with the rows over the other 2).
+
+    Exact, ``dw`` and ``db`` split as ``w`` and ``b``, and each device computes
+    only its classes' logits: gathering ``w`` whole gives a flops ratio of 1
+    (0.5 on the 2x2 mesh); the per-row work, large with 12 classes, is what
+    every device repeats.
+    """
+    result = split_results[name]
+    assert_matches_float64(result)
+    assert result["flops_ratio"] < 0.45
+
+
+def test_fused_loss_inside_shard_map_over_some_axes_with_classes_split(split_results):
+    """Inside a user's ``shard_map`` over "data" only, ``w`` split over "model": exact."""
+    assert_matches_float64(split_results["fused, classes split, inside shard_map over the rows"])
+
+
+@pytest.mark.parametrize("split", ["rows", "classes", "rows and classes"])
+def test_fused_loss_float16_gradients_are_rounded_once(split_results, split):
+    """float16 on a 2x2 mesh: the gradients summed over devices in float32, then rounded.
+
+    One rounding to float16 is off by at most 2**-11 of the largest entry; a
+    sum of per-device float16 gradients (rounded twice) was off by more in dw.
+    """
+    result = split_results[f"fused, float16, {split} split"]
+    assert "error" not in result, result.get("error")
+    assert result["value"] < 1e-5
+    assert max(result["grads"]) < 2.0**-11 + 1e-5
+    assert all(result["grads_split_as_inputs"])
 
 
 @pytest.mark.parametrize(
