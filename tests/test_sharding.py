@@ -6,7 +6,8 @@ shardings; the results must equal the unsharded ones. On 4 CPU devices, in a
 subprocess (``tests/multi_device_cases.py``), against float64 closed forms: the
 rows split (explicit sharding, and inside ``shard_map`` each device its own
 rows, the per-device losses summed), the class axis split, and for the fused
-loss both at once on a 2x2 mesh.
+loss both at once on a 2x2 mesh; and the fused loss's memory per device
+(``benchmarks/sharded.py``).
 """
 
 import json
@@ -249,3 +250,21 @@ def test_fused_loss_float16_gradients_are_rounded_once(split_results, split):
 def test_split_rows_outside_jit_or_without_a_mesh_context(split_results, name):
     """Called eagerly (inside ``jax.set_mesh`` or not), or jitted without a mesh context."""
     assert_matches_float64(split_results[name])
+
+
+def test_sharded_memory_script_each_device_holds_its_share_of_w():
+    """``benchmarks/sharded.py``: with the classes split each device's arguments and
+    temporaries shrink (gathering ``w`` whole would leave them as on one device)."""
+    argv = [sys.executable, "benchmarks/sharded.py", "--shape", "512", "128", "8192"]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {}
+    for line in run.stdout.splitlines():
+        if line.startswith("| ") and "/" in line:
+            name, ours, _ = (cell.strip() for cell in line.strip("|").split("|"))
+            rows[name] = [float(v) for v in ours.split("/")]
+    whole_args, whole_temp, _ = rows["one device (nothing split)"]
+    class_args, class_temp, class_out = rows["classes over 4"]
+    assert class_args < 0.5 * whole_args and class_out < 0.5 * whole_args
+    assert class_temp < 0.5 * whole_temp
+    assert rows["examples over 2 x classes over 2"][0] < 0.6 * whole_args
