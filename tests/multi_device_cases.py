@@ -1,11 +1,13 @@
 """Every public function on 4 CPU devices, the rows or classes split; run as a script.
 
 ``tests/test_sharding.py`` runs this in a subprocess, since the number of host
-devices is fixed when JAX starts. Each device gets a quarter of the rows (the
-weights of the fused loss whole). By default each case runs inside
-``jax.shard_map``, the per-device losses summed with ``psum``; with
-``--explicit`` on the whole split arrays (JAX's explicit sharding), which also
-reports the flops each device does. The value and gradients are compared with
+devices is fixed when JAX starts. By default each device gets a quarter of the
+rows (the weights of the fused loss whole) and each case runs inside
+``jax.shard_map``, the per-device losses summed with ``psum``. With
+``--explicit`` the cases run on whole split arrays (JAX's explicit sharding):
+the rows or the classes split over 4 devices, or for the fused loss the rows
+over 2 and the classes over 2 on a 2x2 mesh; most also report the flops each
+device does. The value and gradients are compared with
 float64 closed forms. Prints one JSON object: per case, the relative errors or
 the exception. ``--other-backends`` runs the GPU/TPU forms of
 ``_stable.by_backend`` instead.
