@@ -624,6 +624,16 @@ class _Layout(NamedTuple):
     rows: tuple[str, ...] | None
     classes: tuple[str, ...] | None
 
+    def per_example(self) -> jax.sharding.PartitionSpec:
+        """The spec of ``x``, the labels and the mask: examples split as the rows."""
+        return jax.sharding.PartitionSpec(self.rows)
+
+    def of_w(self) -> jax.sharding.PartitionSpec:
+        return jax.sharding.PartitionSpec(None, self.classes)
+
+    def of_b(self) -> jax.sharding.PartitionSpec:
+        return jax.sharding.PartitionSpec(self.classes)
+
 
 def _mesh_axes(part) -> tuple[str, ...] | None:
     if part is None:
@@ -674,10 +684,9 @@ def _layout(x: jax.Array, w: jax.Array) -> _Layout | None:
 
 def _laid_out(layout: _Layout, x, w, b, labels, mask):
     """The inputs split as ``layout`` says, everything else whole on every device."""
-    rows = jax.sharding.PartitionSpec(layout.rows)
-    x, labels, mask = _resharded((x, labels, mask), layout.mesh, rows)
-    (w,) = _resharded((w,), layout.mesh, jax.sharding.PartitionSpec(None, layout.classes))
-    (b,) = _resharded((b,), layout.mesh, jax.sharding.PartitionSpec(layout.classes))
+    x, labels, mask = _resharded((x, labels, mask), layout.mesh, layout.per_example())
+    (w,) = _resharded((w,), layout.mesh, layout.of_w())
+    (b,) = _resharded((b,), layout.mesh, layout.of_b())
     return x, w, b, labels, mask
 
 
@@ -690,8 +699,7 @@ def _fused_on_mesh(cfg: _Config, layout: _Layout, x, w, b, y, coef):
     device (see ``_typed_like``). The scalar losses of the devices splitting the
     examples are added up here.
     """
-    P = jax.sharding.PartitionSpec
-    rows, columns = P(layout.rows), P(None, layout.classes)
+    rows = layout.per_example()
 
     def local(x, w, y, coef, *bias):
         out = _fused(cfg, x, w, bias[0] if bias else None, y, coef)
@@ -703,8 +711,8 @@ def _fused_on_mesh(cfg: _Config, layout: _Layout, x, w, b, y, coef):
     return jax.shard_map(
         local,
         mesh=layout.mesh,
-        in_specs=(rows, columns, rows, rows, *(P(layout.classes) for _ in bias)),
-        out_specs=rows if cfg.reduction == "none" else P(),
+        in_specs=(rows, layout.of_w(), rows, rows, *(layout.of_b() for _ in bias)),
+        out_specs=rows if cfg.reduction == "none" else jax.sharding.PartitionSpec(),
     )(x, w, y, coef, *bias)
 
 
