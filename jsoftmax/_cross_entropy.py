@@ -40,6 +40,7 @@ from jsoftmax._validation import (
     check_z_loss,
     compute_dtype,
     explicit_sharding,
+    known_sizes,
     laid_out_like,
     normalize_axes,
     reduce_losses,
@@ -113,7 +114,10 @@ def _is_label(like: jax.Array, label_index: jax.Array, axes) -> jax.Array:
 def _num_taking_part(logit_mask, shape, axes, dtype) -> jax.Array | float:
     """``K``, the classes smoothing spreads over: all, or the unmasked ones per row."""
     if logit_mask is None:
-        return float(max(_num_classes(shape, axes), 1))  # no classes: nothing to spread
+        num_classes = _num_classes(shape, axes)
+        if not known_sizes(num_classes):
+            return jnp.asarray(num_classes, dtype)  # symbolic (jax.export): at least 1
+        return float(max(num_classes, 1))  # no classes: nothing to spread
     # max(., 1): a fully masked row has nothing to spread over (and no gradient).
     return jnp.maximum(jnp.sum(logit_mask, axis=axes, keepdims=True), 1).astype(dtype)
 
@@ -549,6 +553,16 @@ def _integer_bwd(config, residuals, g):
     return (d_logits.astype(logits.dtype), float0_labels, None, None, None)
 
 
+def _index_along(shape: tuple[int, ...], axis: int) -> jax.Array:
+    """The index along ``axis``, shaped to broadcast against ``shape``.
+
+    ``jnp.indices(shape, sparse=True)[axis]``, built from ``broadcasted_iota``,
+    which also takes jax.export's symbolic sizes.
+    """
+    index_shape = tuple(size if k == axis else 1 for k, size in enumerate(shape))
+    return lax.broadcasted_iota(jnp.int32, index_shape, axis)
+
+
 def _subtract_at_labels(d_logits, amount, label_index, axes):
     """``d_logits - amount * onehot(labels)``: a scatter-add for one class axis, else a select.
 
@@ -563,7 +577,7 @@ def _subtract_at_labels(d_logits, amount, label_index, axes):
         axis = axes[0]
         labels = jnp.squeeze(label_index, axis)
         amount = jnp.broadcast_to(jnp.squeeze(amount, axis), labels.shape)
-        grids = list(jnp.indices(labels.shape, sparse=True))
+        grids = [_index_along(labels.shape, k) for k in range(labels.ndim)]
         return d_logits.at[(*grids[:axis], labels, *grids[axis:])].add(-amount)
     is_label = _is_label(d_logits, label_index, axes)
     return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))

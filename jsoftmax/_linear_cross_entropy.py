@@ -34,6 +34,10 @@ How it works (all of it plain ``jnp``/``lax``, no custom kernels):
   ``shard_map`` on each device's rows and columns; with split classes each
   chunk's row maximum is a ``pmax`` and its sum of exponentials, label logit
   and logit sum one ``psum`` over the devices, and ``dx`` is summed once.
+* Exported with ``jax.export`` at a symbolic number of rows, the rows are
+  padded with zero-weight examples to whole chunks (a copy of ``x``) and the
+  loop is a ``scan`` over the chunks, so that every slice provably fits and
+  second derivatives still go through it.
 
 With 16-bit inputs the gradient tile is rounded to the input dtype for its two
 matmuls (float32 accumulation). It is weighted relative to the chunk's largest
@@ -84,6 +88,7 @@ from jsoftmax._validation import (
     explicit_sharding,
     full_spec,
     is_concrete,
+    known_sizes,
 )
 
 __all__ = ["linear_softmax_cross_entropy"]
@@ -107,18 +112,27 @@ def default_chunk_size(n: int, d: int, c: int) -> int:
     chunk reads ``w`` and updates ``dw`` once, so short chunks are slow), as long as
     the tile stays within 64 MiB; a multiple of 8 in ``[8, 8192]``, and at most ``n``.
     At N=2048, D=512, C=32768 that is 256 rows: a 32 MiB tile against 256 MiB of logits;
-    at C=131072, 128 rows.
+    at C=131072, 128 rows. With a symbolic ``c`` (``jax.export``) the tile's size is
+    unknown: 256 rows; a symbolic ``n`` sets no bound.
     """
     del d  # the tile, not the matmul operands, is what costs memory
-    row_bytes = 4 * max(c, 1)
-    rows = max(_TILE_BYTES // row_bytes, _PREFERRED_ROWS)
-    rows = min(rows, _MAX_TILE_BYTES // row_bytes, _MAX_CHUNK)
-    rows = max(_MIN_CHUNK, rows - rows % _MIN_CHUNK)
-    return max(1, min(rows, n))
+    if known_sizes(c):
+        row_bytes = 4 * max(c, 1)
+        rows = max(_TILE_BYTES // row_bytes, _PREFERRED_ROWS)
+        rows = min(rows, _MAX_TILE_BYTES // row_bytes, _MAX_CHUNK)
+        rows = max(_MIN_CHUNK, rows - rows % _MIN_CHUNK)
+    else:
+        rows = _PREFERRED_ROWS
+    return max(1, min(rows, n)) if known_sizes(n) else rows
 
 
 def _class_block(d: int, c: int) -> int:
-    """Columns of ``dw`` updated per inner step: a float32 ``[d, block]`` slab of ~2 MiB."""
+    """Columns of ``dw`` updated per inner step: a float32 ``[d, block]`` slab of ~2 MiB.
+
+    All of them at once when a size is symbolic (``jax.export``).
+    """
+    if not known_sizes(d, c):
+        return c
     cols = _BLOCK_BYTES // (4 * max(d, 1))
     cols = 1 << max(3, int(math.log2(max(cols, 1))))
     return min(cols, c)
@@ -329,6 +343,18 @@ def _fresh_rows(i, start, n: int, chunk: int):
     return start + lax.iota(jnp.int32, chunk) >= i * chunk
 
 
+def _over_chunks(count, body, init):
+    """``lax.fori_loop(0, count, body, init)``.
+
+    With a symbolic ``count`` (``jax.export``) a ``fori_loop`` is a while loop,
+    which reverse-mode autodiff cannot go through (the backward pass is
+    differentiable for second derivatives); a ``scan`` over the chunk indices can.
+    """
+    if known_sizes(count):
+        return lax.fori_loop(0, count, body, init)
+    return lax.scan(lambda carry, i: (body(i, carry), None), init, jnp.arange(count))[0]
+
+
 def _varying_axes(a) -> frozenset:
     """The manual mesh axes ``a`` varies over inside ``jax.shard_map`` (none elsewhere).
 
@@ -408,7 +434,7 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         return rows, maxima, log_sums
 
     init = _varying_like((x, w, b, y, coef), *(jnp.zeros((n,), acc),) * 3, reduced=cfg.class_axes)
-    rows, maxima, log_sums = lax.fori_loop(0, -(-n // chunk), body, init)
+    rows, maxima, log_sums = _over_chunks(-(-n // chunk), body, init)
     return rows, (maxima, log_sums)
 
 
@@ -498,7 +524,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
         jnp.zeros((d, columns), acc) if need_w else None,
         jnp.zeros((columns,), acc) if need_b and b is not None else None,
     )
-    return lax.fori_loop(0, -(-n // chunk), body, (rows, *init))
+    return _over_chunks(-(-n // chunk), body, (rows, *init))
 
 
 def _reduce(cfg: _Config, rows):
@@ -657,8 +683,10 @@ def _layout(x: jax.Array, w: jax.Array) -> _Layout | None:
     inside a user's ``shard_map`` over some of the mesh axes, where a nested one
     does not lower in the backward pass (jax 0.10.2).
     """
-    if (is_concrete(x) and is_concrete(w)) or getattr(
-        jax.sharding.get_abstract_mesh(), "manual_axes", ()
+    if (
+        (is_concrete(x) and is_concrete(w))
+        or getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+        or not known_sizes(*x.shape, *w.shape)
     ):
         return None
     x_sharding, w_sharding = explicit_sharding(x), explicit_sharding(w)
@@ -714,6 +742,20 @@ def _fused_on_mesh(cfg: _Config, layout: _Layout, x, w, b, y, coef):
         in_specs=(rows, layout.of_w(), rows, rows, *(layout.of_b() for _ in bias)),
         out_specs=rows if cfg.reduction == "none" else jax.sharding.PartitionSpec(),
     )(x, w, y, coef, *bias)
+
+
+def _padded_to_whole_chunks(chunk: int, x, y, coef):
+    """The rows padded with zero-weight examples up to a multiple of ``chunk``.
+
+    For a symbolic number of rows (``jax.export``): the loop's slices of
+    ``chunk`` rows must provably fit, which ``n`` rows may not. The padding
+    (a copy of ``x``) adds 0 to the loss and to ``dw``.
+    """
+    n = x.shape[0]
+    extra = chunk * ((n + chunk - 1) // chunk) - n
+    return tuple(
+        jnp.concatenate([a, jnp.zeros((extra, *a.shape[1:]), a.dtype)]) for a in (x, y, coef)
+    )
 
 
 def _example_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
@@ -772,7 +814,8 @@ def linear_softmax_cross_entropy(
       chunk_size: rows per chunk, the memory/speed trade-off: the largest
         temporary is a float32 ``[chunk_size, C]`` tile. By default, rows for
         a 32 MiB tile but at least 256 (at most a 64 MiB tile); see
-        ``default_chunk_size``.
+        ``default_chunk_size``. Exported by ``jax.export`` with a symbolic
+        class count, 256 rows.
 
     Returns:
       The loss: a scalar, or per-example losses for ``reduction="none"``;
@@ -897,7 +940,9 @@ def linear_softmax_cross_entropy(
     if layout is not None:
         local_n //= _devices_along(layout.mesh, layout.rows)
         local_classes //= _devices_along(layout.mesh, layout.classes)
-    chunk = min(chunk_size or default_chunk_size(local_n, d, local_classes), local_n)
+    chunk = chunk_size or default_chunk_size(local_n, d, local_classes)
+    if known_sizes(local_n):
+        chunk = min(chunk, local_n)
     cfg = _Config(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -916,10 +961,13 @@ def linear_softmax_cross_entropy(
         # feature keeps it a matmul, computed once.
         x, w = jnp.pad(x, ((0, 0), (0, 1))), jnp.pad(w, ((0, 1), (0, 0)))
     y, coef = y.reshape(n), coef.reshape(n)
+    padded = not known_sizes(n)
+    if padded:
+        x, y, coef = _padded_to_whole_chunks(chunk, x, y, coef)
     if layout is None:
         out = _fused(cfg, x, w, b, y, coef)
     else:
         out = _fused_on_mesh(cfg, layout, x, w, b, y, coef)
     if reduction == "none":
-        return out.reshape(batch_shape)
+        return (out[:n] if padded else out).reshape(batch_shape)
     return out

@@ -34,6 +34,11 @@ predicate to the host and a sync, and reductions do not slow down on long
 rows, so ``by_backend`` (chosen when lowering) gives the other backends
 branch-free forms: the ``+inf`` count and the exact losses always computed,
 rows reduced whole.
+
+Exported with ``jax.export`` at symbolic sizes, rows are reduced in blocks
+only if their length is known, the rare branch's chunks of rows are single
+rows, and the row maximum avoids ``lax.reduce`` (whose derivative JAX takes
+only at known sizes); compiled at known sizes nothing changes.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from jsoftmax._validation import split_along
+from jsoftmax._validation import known_sizes, split_along
 
 
 def by_backend(*args, cpu, other):
@@ -112,6 +117,9 @@ def row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     there (and for no element) the floor is applied explicitly.
     """
     floor = -_largest(x.dtype)
+    if not known_sizes(*x.shape):
+        # JAX differentiates lax.reduce only at known sizes (not jax.export's symbolic ones)
+        return jnp.maximum(jnp.max(x, axis=axes, keepdims=True), floor)
     m = jnp.expand_dims(lax.reduce(x, np.array(floor, x.dtype), lax.max, axes), axes)
     if math.prod(x.shape[a] for a in axes) <= 1:
         m = jnp.maximum(m, floor)
@@ -214,7 +222,7 @@ def _block_size(shape: tuple[int, ...], dtype, axes: tuple[int, ...]) -> int | N
     are reduced whole.
     """
     row_length = _contiguous_row_length(shape, axes)
-    if row_length is None:
+    if row_length is None or not known_sizes(row_length):
         return None
     itemsize = np.dtype(dtype).itemsize
     if row_length * itemsize <= _LONGEST_ROW_BYTES:
@@ -529,7 +537,7 @@ def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
     """``fn(axes, *arrays)``, a per-row result (keepdims), computed a chunk of rows at a time.
 
     Only when the reduced axes are the trailing ones (a free reshape);
-    otherwise in one go.
+    otherwise in one go. With symbolic sizes (``jax.export``) a row at a time.
     """
     shape = arrays[0].shape
     row_length = _contiguous_row_length(shape, axes)
@@ -537,10 +545,13 @@ def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
         return fn(axes, *arrays)
     row_shape = shape[: len(shape) - len(axes)]
     rows = math.prod(row_shape)
-    itemsize = max(a.dtype.itemsize for a in arrays)
-    chunk = max(1, _CHUNK_BYTES // max(1, row_length * itemsize))
-    if rows <= chunk:
-        return fn(axes, *arrays)
+    if known_sizes(*shape):
+        itemsize = max(a.dtype.itemsize for a in arrays)
+        chunk = max(1, _CHUNK_BYTES // max(1, row_length * itemsize))
+        if rows <= chunk:
+            return fn(axes, *arrays)
+    else:
+        chunk = None  # lax.map's chunks need a known number of rows
     flat = [a.reshape(rows, row_length) for a in arrays]
     out = lax.map(lambda row: fn((0,), *row), flat, batch_size=chunk)
     return out.reshape(*row_shape, *(1 for _ in axes))

@@ -221,6 +221,16 @@ def split_along(array: jax.Array, axes: tuple[int, ...]) -> bool:
     return any(spec[a] is not None for a in axes)
 
 
+def known_sizes(*sizes) -> bool:
+    """True when every size is a number, False if any is symbolic.
+
+    ``jax.export`` traces with symbolic dimensions (a batch size ``"b"``) whose
+    comparisons with numbers are mostly undecidable; choices between
+    equivalent computations by size then take the one that fits every size.
+    """
+    return all(isinstance(size, (int, np.integer)) for size in sizes)
+
+
 def is_concrete(array) -> bool:
     """True for an array with a value (run eagerly), False for a tracer."""
     return not isinstance(array, jax.core.Tracer)

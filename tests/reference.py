@@ -139,3 +139,61 @@ def assert_gradient_close(dx, expected, g):
         np.abs(to64(g)), initial=0.0
     )
     assert error <= bound, (error, bound)
+
+
+def linear_cross_entropy(
+    x,
+    w,
+    labels,
+    b=None,
+    *,
+    cotangent=None,
+    where=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_softcap=None,
+    reduction="mean",
+):
+    """The loss of ``x @ w + b`` and its closed-form gradients ``(loss, dx, dw, db)``.
+
+    The per-example loss comes from ``cross_entropy_int``
+    (PyTorch's definition); ``cotangent`` is the output cotangent (per example
+    for ``"none"``, a scalar otherwise, 1 by default).
+    """
+    x64, w64 = to64(x), to64(w)
+    d = x64.shape[-1]
+    batch = x64.shape[:-1]
+    xf = x64.reshape(-1, d)
+    labels = np.asarray(labels).reshape(-1)
+    raw = xf @ w64 + (0.0 if b is None else to64(b))
+    z = raw if logit_softcap is None else logit_softcap * np.tanh(raw / logit_softcap)
+    num_classes = z.shape[-1]
+    losses, _ = cross_entropy_int(
+        z, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss
+    )
+    valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    if where is not None:
+        valid = valid & np.asarray(where).reshape(-1)
+    losses = np.where(valid, losses, 0.0)
+    count = valid.sum()
+    if reduction == "none":
+        value = losses.reshape(batch)
+        row = np.ones(labels.shape) if cotangent is None else to64(cotangent).reshape(-1)
+    else:
+        value = reduce(losses, reduction, count)
+        scale = 1.0 if cotangent is None else float(cotangent)
+        if reduction == "mean":
+            scale = scale / count if count else 0.0
+        row = np.full(labels.shape, scale)
+    row = np.where(valid, row, 0.0)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    onehot = np.eye(num_classes)[np.where(valid, labels, 0)]
+    target = (1 - label_smoothing) * onehot + label_smoothing / num_classes
+    g = row[:, None] * (p * (1 + 2 * z_loss * lse)[:, None] - target)
+    if logit_softcap is not None:
+        g = g * (1 - np.tanh(raw / logit_softcap) ** 2)
+    dx = (g @ w64.T).reshape(x64.shape)
+    return value, dx, xf.T @ g, g.sum(0)

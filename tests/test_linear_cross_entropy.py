@@ -72,64 +72,6 @@ def unfused(
     return jnp.where(count > 0, jnp.sum(loss) / jnp.maximum(count, 1.0), 0.0)
 
 
-def reference64(
-    x,
-    w,
-    labels,
-    b=None,
-    *,
-    cotangent=None,
-    where=None,
-    ignore_index=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_softcap=None,
-    reduction="mean",
-):
-    """Float64 NumPy loss and closed-form gradients ``(loss, dx, dw, db)``.
-
-    The per-example loss comes from ``tests.reference.cross_entropy_int``
-    (PyTorch's definition); ``cotangent`` is the output cotangent (per example
-    for ``"none"``, a scalar otherwise, 1 by default).
-    """
-    x64, w64 = ref.to64(x), ref.to64(w)
-    d = x64.shape[-1]
-    batch = x64.shape[:-1]
-    xf = x64.reshape(-1, d)
-    labels = np.asarray(labels).reshape(-1)
-    raw = xf @ w64 + (0.0 if b is None else ref.to64(b))
-    z = raw if logit_softcap is None else logit_softcap * np.tanh(raw / logit_softcap)
-    num_classes = z.shape[-1]
-    losses, _ = ref.cross_entropy_int(
-        z, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss
-    )
-    valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
-    if where is not None:
-        valid = valid & np.asarray(where).reshape(-1)
-    losses = np.where(valid, losses, 0.0)
-    count = valid.sum()
-    if reduction == "none":
-        value = losses.reshape(batch)
-        row = np.ones(labels.shape) if cotangent is None else ref.to64(cotangent).reshape(-1)
-    else:
-        value = ref.reduce(losses, reduction, count)
-        scale = 1.0 if cotangent is None else float(cotangent)
-        if reduction == "mean":
-            scale = scale / count if count else 0.0
-        row = np.full(labels.shape, scale)
-    row = np.where(valid, row, 0.0)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-    onehot = np.eye(num_classes)[np.where(valid, labels, 0)]
-    target = (1 - label_smoothing) * onehot + label_smoothing / num_classes
-    g = row[:, None] * (p * (1 + 2 * z_loss * lse)[:, None] - target)
-    if logit_softcap is not None:
-        g = g * (1 - np.tanh(raw / logit_softcap) ** 2)
-    dx = (g @ w64.T).reshape(x64.shape)
-    return value, dx, xf.T @ g, g.sum(0)
-
-
 def grads_of(fn, x, w, b, labels, cotangent=None, **kwargs):
     """Value and the cotangent-weighted gradients w.r.t. ``x``, ``w`` (and ``b``)."""
 
@@ -173,7 +115,7 @@ def test_matches_optax_on_the_full_logits(backend_forms, rng, batch, d, c, chunk
         assert got.shape == want.shape and got.dtype == want.dtype
         assert ref.rel_err(got, want) < TOL
     # and the float64 closed form
-    value64, *grads64 = reference64(x, w, labels, b)
+    value64, *grads64 = ref.linear_cross_entropy(x, w, labels, b)
     assert ref.rel_err(value, value64) < TOL
     for got, want in zip(grads, grads64, strict=True):
         assert ref.rel_err(got, want) < TOL
@@ -219,7 +161,7 @@ def test_options_match_both_references(backend_forms, rng, options):
 
     value, grads = grads_of(fused, x, w, b, labels, cotangent, chunk_size=8, **options)
     expected, expected_grads = grads_of(unfused, x, w, b, labels, cotangent, **options)
-    value64, *grads64 = reference64(x, w, labels, b, cotangent=cotangent, **options)
+    value64, *grads64 = ref.linear_cross_entropy(x, w, labels, b, cotangent=cotangent, **options)
     assert value.shape == expected.shape == np.shape(value64)
     assert ref.rel_err(value, value64) < TOL
     assert ref.rel_err(value, expected) < TOL
@@ -243,7 +185,7 @@ def test_class_blocks_with_a_remainder(backend_forms, rng, monkeypatch):
         value, grads = grads_of(
             fused, x, w, b, labels, cotangent, reduction=reduction, chunk_size=8, z_loss=1e-2
         )
-        value64, *grads64 = reference64(
+        value64, *grads64 = ref.linear_cross_entropy(
             x, w, labels, b, cotangent=cotangent, reduction=reduction, z_loss=1e-2
         )
         assert ref.rel_err(value, value64) < TOL
@@ -258,7 +200,9 @@ def test_none_backward_is_exact_for_any_cotangent(rng):
     for _ in range(3):
         cotangent = rng.standard_normal(labels.shape).astype(np.float32)
         grads = vjp(jnp.asarray(cotangent))
-        _, *grads64 = reference64(x, w, labels, b, cotangent=cotangent, reduction="none")
+        _, *grads64 = ref.linear_cross_entropy(
+            x, w, labels, b, cotangent=cotangent, reduction="none"
+        )
         for got, want in zip(grads, grads64, strict=True):
             assert ref.rel_err(got, want) < TOL
 
@@ -272,12 +216,12 @@ def test_jit_vmap_and_partial_gradients(rng):
     # gradient with respect to one input only (the others are not differentiated)
     dw = jax.grad(lambda w: fused(x, w, labels, b))(w)
     db = jax.grad(lambda b: fused(x, w, labels, b, reduction="sum"))(b)
-    _, _, dw64, _ = reference64(x, w, labels, b)
-    _, _, _, db64 = reference64(x, w, labels, b, reduction="sum")
+    _, _, dw64, _ = ref.linear_cross_entropy(x, w, labels, b)
+    _, _, _, db64 = ref.linear_cross_entropy(x, w, labels, b, reduction="sum")
     assert ref.rel_err(dw, dw64) < TOL
     assert ref.rel_err(db, db64) < TOL
     dx = jax.grad(lambda x: fused(x, w, labels, reduction="none").sum())(x)
-    _, dx64, _, _ = reference64(x, w, labels, reduction="none")
+    _, dx64, _, _ = ref.linear_cross_entropy(x, w, labels, reduction="none")
     assert ref.rel_err(dx, dx64) < TOL
 
 
@@ -354,7 +298,7 @@ def test_large_logits_are_stable(rng):
     value, grads = jax.value_and_grad(
         lambda x, w: fused(x, w, labels, z_loss=1e-4, chunk_size=4), argnums=(0, 1)
     )(x, w)
-    value64, dx64, dw64, _ = reference64(x, w, labels, z_loss=1e-4)
+    value64, dx64, dw64, _ = ref.linear_cross_entropy(x, w, labels, z_loss=1e-4)
     assert np.isfinite(value) and ref.rel_err(value, value64) < TOL
     assert ref.rel_err(grads[0], dx64) < TOL and ref.rel_err(grads[1], dw64) < TOL
 
@@ -444,7 +388,9 @@ def test_half_precision_inputs(rng, dtype):
     # against float64 on the same (rounded) inputs: float32 accumulation inside, the
     # logit-gradient tile is rounded to the input dtype for the two matmuls
     rounded = [np.asarray(a.astype(jnp.float32)) for a in (xh, wh, bh)]
-    value64, dx64, dw64, db64 = reference64(*rounded[:2], labels, rounded[2], label_smoothing=0.1)
+    value64, dx64, dw64, db64 = ref.linear_cross_entropy(
+        *rounded[:2], labels, rounded[2], label_smoothing=0.1
+    )
     assert ref.rel_err(value, value64) < TOL
     tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
     assert ref.rel_err(dx, dx64) < tol
@@ -478,7 +424,9 @@ def test_float16_gradient_keeps_its_precision_under_a_small_cotangent(rng, n, re
         fused, xh, wh, None, labels, cotangent=cotangent, reduction=reduction, chunk_size=128
     )
     rounded = [np.asarray(a.astype(jnp.float32)) for a in (xh, wh)]
-    _, dx64, dw64, _ = reference64(*rounded, labels, cotangent=cotangent, reduction=reduction)
+    _, dx64, dw64, _ = ref.linear_cross_entropy(
+        *rounded, labels, cotangent=cotangent, reduction=reduction
+    )
     assert ref.rel_err(dx, dx64) < 8e-4
     assert ref.rel_err(dw, dw64) < 8e-4
 
@@ -489,14 +437,16 @@ def test_mixed_input_dtypes(rng):
         jnp.asarray(x, jnp.bfloat16), w
     )
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
-    value64, *_ = reference64(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), w, labels, b)
+    value64, *_ = ref.linear_cross_entropy(
+        np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), w, labels, b
+    )
     assert ref.rel_err(value, value64) < TOL
 
 
 def test_uint8_labels_and_unrepresentable_ignore_index(rng):
     x, w, b, labels = problem(rng, (9,), 4, 30)
     value = fused(x, w, labels.astype(np.uint8), b, ignore_index=-100)
-    assert ref.rel_err(value, reference64(x, w, labels, b)[0]) < TOL
+    assert ref.rel_err(value, ref.linear_cross_entropy(x, w, labels, b)[0]) < TOL
 
 
 # -- bad labels -------------------------------------------------------------------------------
@@ -509,7 +459,7 @@ def test_out_of_range_label_is_nan_and_never_wrapped(rng):
     rows = np.asarray(rows)
     assert np.isnan(rows[1]) and np.isnan(rows[4])
     good = [0, 2, 3, 5]
-    expected = reference64(x[good], w, labels[good], b, reduction="none")[0]
+    expected = ref.linear_cross_entropy(x[good], w, labels[good], b, reduction="none")[0]
     assert ref.rel_err(rows[good], expected) < TOL
     assert np.isnan(float(fused(x, w, labels, b)))
     dx = jax.grad(lambda x: fused(x, w, labels, b, reduction="none").sum())(x)
