@@ -534,6 +534,48 @@ def test_nan_logit_makes_its_example_nan(backend_forms):
         assert np.all(np.isnan(grad[0])) and np.all(np.isfinite(grad[1]))
 
 
+@pytest.mark.parametrize("smoothing, z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.1, 1e-3)])
+def test_soft_label_value_alone_with_smoothing_and_z_loss(backend_forms, rng, smoothing, z_loss):
+    """The value alone (on XLA:CPU one fused loop, its edge rows redone) and under a gradient.
+
+    20000 rows of 8 classes, enough for the redo to go a chunk of rows at a time;
+    row 0 has a -inf logit with label 0, row 1 only -inf, row 2 a NaN, row 3 a
+    +inf logit holding the label, row 4 logits of +-1e30.
+    """
+    n, c = 20000, 8
+    x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+    y = rng.dirichlet(np.ones(c), n).astype(np.float32)
+    x[0, 0], y[0] = -np.inf, np.r_[0.0, np.full(c - 1, 1 / (c - 1))]
+    x[1] = -np.inf
+    x[2, 3] = np.nan
+    x[3, 5], y[3] = np.inf, np.eye(c)[5]
+    x[4], y[4] = np.r_[1e30, -1e30, np.zeros(c - 2)], np.eye(c)[0]
+
+    finite = np.where(np.isneginf(x), -1e4, ref.to64(x))  # exp(-1e4) is 0: exact
+    finite[3, 5] = 0.0  # row 3 is set below
+    expected = ref.cross_entropy_soft(finite, y, None, smoothing, z_loss)
+    expected[0] = np.inf if smoothing else expected[0]  # label e / K at the -inf logit
+    expected[1] = 0.0  # no probability: loss 0
+    expected[2] = np.nan
+    expected[3] = np.inf  # the other classes' e / K, or z-loss of lse = +inf
+    with np.errstate(over="ignore"):  # row 4's z-loss (1e57) overflows float32
+        expected = expected.astype(np.float32)
+
+    def loss(x, y):
+        return soft_ce(x, y, label_smoothing=smoothing, z_loss=z_loss)
+
+    alone = jax.jit(loss)(x, y)
+    under_gradient, _ = jax.jit(jax.vjp, static_argnums=0)(loss, x, y)
+    for value in (alone, under_gradient):
+        value = np.asarray(value)
+        np.testing.assert_array_equal(np.isnan(value), np.isnan(expected))
+        np.testing.assert_array_equal(np.isposinf(value), np.isposinf(expected))
+        assert ref.rel_err(value[5:], expected[5:]) < 1e-5
+        if np.isfinite(expected[4]):
+            np.testing.assert_allclose(value[4], expected[4], rtol=1e-6)
+        assert value[0] == expected[0] or np.isclose(value[0], expected[0], rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_16_bit_logits_compute_in_float32(dtype, rng):
     logits, labels, _, probs = random_problem(rng, scale=20.0)
