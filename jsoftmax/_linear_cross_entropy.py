@@ -681,7 +681,8 @@ def _layout(x: jax.Array, w: jax.Array) -> _Layout | None:
     Anything else is gathered. Only for traced inputs (under ``jit`` or ``grad``):
     run eagerly, ``shard_map`` does not take ``_fused``'s symbolic zeros; and not
     inside a user's ``shard_map`` over some of the mesh axes, where a nested one
-    does not lower in the backward pass (jax 0.10.2).
+    does not lower in the backward pass (jax 0.10.2); nor at ``jax.export``'s
+    symbolic sizes, whose division over devices is not known.
     """
     if (
         (is_concrete(x) and is_concrete(w))
