@@ -96,6 +96,20 @@ def soft_grad(logits, labels, weight=None, label_smoothing=0.0, z_loss=0.0):
     return p * target.sum(-1, keepdims=True) - target + 2 * z_loss * lse * p
 
 
+def soft_cross_entropy_minus_inf_allowed(x, y, weight=None, label_smoothing=0.0, z_loss=0.0):
+    """Loss and logit gradient (sum reduction) of probability targets, ``-inf`` logits allowed.
+
+    A ``-inf`` logit takes no part: in float64 ``exp(-1e4)`` is 0, so replacing it by
+    -1e4 is exact (with label 0 there; a positive label would make the loss +inf, which
+    this does not give). A row of ``-inf`` only has loss 0 and gradient 0.
+    """
+    empty = np.all(np.isneginf(x), axis=-1)
+    finite = np.where(np.isneginf(x), -1e4, to64(x))
+    loss = cross_entropy_soft(finite, y, weight, label_smoothing, z_loss)
+    grad = soft_grad(finite, y, weight, label_smoothing, z_loss)
+    return np.where(empty, 0.0, loss), np.where(empty[:, None], 0.0, grad)
+
+
 def rel_err(actual, expected) -> float:
     """max |a - e| / max |e|: a norm-wise relative error, robust to tiny entries."""
     actual, expected = to64(actual), to64(expected)
