@@ -267,15 +267,21 @@ def _smoothed(y, smoothing: float, axes):
     return (1 - smoothing) * y + smoothing / _num_taking_part(None, y.shape, axes, y.dtype)
 
 
-def _soft_loss_fast(smoothing: float, z_loss: float, axes, x, y):
-    """``-sum(y' * log_softmax(x)) + z lse^2`` as the single loop XLA fuses; NaN on edge rows.
+def _soft_target(y, class_weight, smoothing: float, axes):
+    """``w * y'``: the smoothed labels, times the class weights if given (a 1-tuple)."""
+    target = _smoothed(y, smoothing, axes)
+    return class_weight[0] * target if class_weight else target
 
-    ``y'`` are the smoothed labels.
+
+def _soft_loss_fast(smoothing: float, z_loss: float, axes, x, y, *class_weight):
+    """``-sum(w * y' * log_softmax(x)) + z lse^2`` as the single loop XLA fuses; NaN on edge rows.
+
+    ``y'`` are the smoothed labels, ``w`` the class weights if given.
     """
     m = _stable.row_max(x, axes)
     shifted_logits = x - m
     log_s = jnp.log(jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True))
-    target = _smoothed(y, smoothing, axes)
+    target = _soft_target(y, class_weight, smoothing, axes)
     loss = -jnp.sum(target * (shifted_logits - log_s), axis=axes, keepdims=True)
     if z_loss:
         # log_s used beyond the loss's sum makes XLA:CPU's fused loop 4x slower
@@ -286,9 +292,9 @@ def _soft_loss_fast(smoothing: float, z_loss: float, axes, x, y):
     return loss
 
 
-def _soft_loss_exact_rows(smoothing: float, z_loss: float, axes, x, y):
+def _soft_loss_exact_rows(smoothing: float, z_loss: float, axes, x, y, *class_weight):
     m, log_s = _stable.row_stats(x, None, axes, x.dtype)
-    target = _smoothed(y, smoothing, axes)
+    target = _soft_target(y, class_weight, smoothing, axes)
     loss = _soft_loss_exact(x, target, m, log_s, _Config(axes, smoothing, z_loss))
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
@@ -296,27 +302,27 @@ def _soft_loss_exact_rows(smoothing: float, z_loss: float, axes, x, y):
 def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one_loop=True):
     """The losses and the row statistics.
 
-    ``one_loop``: without class weights or a logit mask, the value alone is
-    the one loop XLA fuses (label smoothing and z-loss are constants in it),
-    its edge rows redone; for a gradient the statistics are computed anyway,
-    and the loss from them is cheaper than a second loop. (Class weights
-    would enter it as a closed-over array, which ``custom_vmap`` rejects when
-    they are batched.)
+    ``one_loop``: without a logit mask, the value alone is the one loop XLA
+    fuses (label smoothing and z-loss are constants in it, class weights an
+    argument), its edge rows redone; for a gradient the statistics are
+    computed anyway, and the loss from them is cheaper than a second loop.
     """
     dtype = compute_dtype(logits.dtype, labels.dtype)
     axes = config.axes
     xm = _stable.masked_in(logits, logit_mask, dtype)
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
-    if one_loop and logit_mask is None and weights is None:
+    if one_loop and logit_mask is None:
         # Only the loss is needed without a gradient; XLA then drops the
         # statistics above, which the backward pass keeps.
         options = (config.label_smoothing, config.z_loss)
+        class_weight = _per_class(weights, xm, axes, dtype)
         loss = _stable.rows_with_fallback(
             functools.partial(_soft_loss_fast, *options),
             functools.partial(_soft_loss_exact_rows, *options),
             axes,
             xm,
             labels.astype(dtype),
+            *(() if class_weight is None else (class_weight,)),
         )
         if example_mask is not None:
             loss = jnp.where(example_mask, loss, jnp.zeros_like(loss))

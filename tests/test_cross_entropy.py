@@ -315,6 +315,31 @@ def test_jit_vmap_and_per_example_gradients(integer, rng):
     np.testing.assert_allclose(mean_grad[1], expected, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("batched_weights", [False, True])
+def test_vmap_of_soft_labels_with_class_weights(backend_forms, rng, batched_weights):
+    """vmap over problems, the weights shared or one set per problem, the value alone.
+
+    3 x 4000 rows of 8 classes: the exact redo goes a chunk of rows at a time.
+    Problem 1's row 0 has a -inf logit whose class has weight 0 and a label.
+    """
+    b, n, c = 3, 4000, 8
+    x = (rng.standard_normal((b, n, c)) * 3).astype(np.float32)
+    y = rng.dirichlet(np.ones(c), (b, n)).astype(np.float32)
+    weights = rng.uniform(0.2, 2.0, (b, c)).astype(np.float32)
+    weights[1, 7], x[1, 0, 7] = 0.0, -np.inf
+    if not batched_weights:
+        weights[:] = weights[1]
+
+    def loss(x, y, w):
+        return soft_ce(x, y, class_weights=w, label_smoothing=0.1)
+
+    in_axes = (0, 0, 0 if batched_weights else None)
+    values = jax.jit(jax.vmap(loss, in_axes))(x, y, weights if batched_weights else weights[0])
+    for i in range(b):
+        expected, _ = ref.soft_cross_entropy_minus_inf_allowed(x[i], y[i], weights[i], 0.1)
+        assert ref.rel_err(values[i], expected) < 1e-5
+
+
 @pytest.mark.parametrize("integer", [False, True])
 def test_forward_mode_raises(integer):
     f = (
@@ -534,33 +559,47 @@ def test_nan_logit_makes_its_example_nan(backend_forms):
         assert np.all(np.isnan(grad[0])) and np.all(np.isfinite(grad[1]))
 
 
-@pytest.mark.parametrize("smoothing, z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.1, 1e-3)])
-def test_soft_label_value_alone_with_smoothing_and_z_loss(backend_forms, rng, smoothing, z_loss):
+@pytest.mark.parametrize(
+    "smoothing, z_loss, weighted",
+    [
+        (0.1, 0.0, False),
+        (0.0, 1e-3, False),
+        (0.1, 1e-3, False),
+        (0.0, 0.0, True),
+        (0.1, 1e-3, True),
+    ],
+)
+def test_soft_label_value_alone_with_options(backend_forms, rng, smoothing, z_loss, weighted):
     """The value alone (on XLA:CPU one fused loop, its edge rows redone) and under a gradient.
 
     20000 rows of 8 classes, enough for the redo to go a chunk of rows at a time;
     row 0 has a -inf logit with label 0, row 1 only -inf, row 2 a NaN, row 3 a
-    +inf logit holding the label, row 4 logits of +-1e30.
+    +inf logit holding the label, row 4 logits of +-1e30, row 5 a -inf logit
+    with a positive label whose class weight is 0 (when weighted).
     """
     n, c = 20000, 8
     x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
     y = rng.dirichlet(np.ones(c), n).astype(np.float32)
+    weights = rng.uniform(0.2, 2.0, c).astype(np.float32) if weighted else None
     x[0, 0], y[0] = -np.inf, np.r_[0.0, np.full(c - 1, 1 / (c - 1))]
     x[1] = -np.inf
     x[2, 3] = np.nan
     x[3, 5], y[3] = np.inf, np.eye(c)[5]
     x[4], y[4] = np.r_[1e30, -1e30, np.zeros(c - 2)], np.eye(c)[0]
+    if weighted:
+        weights[7], x[5, 7] = 0.0, -np.inf
 
     with np.errstate(invalid="ignore"):  # rows 2 and 3, set below
-        expected, _ = ref.soft_cross_entropy_minus_inf_allowed(x, y, None, smoothing, z_loss)
+        expected, _ = ref.soft_cross_entropy_minus_inf_allowed(x, y, weights, smoothing, z_loss)
     expected[0] = np.inf if smoothing else expected[0]  # label e / K at the -inf logit
     expected[2] = np.nan
-    expected[3] = np.inf  # the other classes' e / K, or z-loss of lse = +inf
+    # The other classes' e / K, or z-loss of lse = +inf; else all mass on the label.
+    expected[3] = np.inf if smoothing or z_loss else 0.0
     with np.errstate(over="ignore"):  # row 4's z-loss (1e57) overflows float32
         expected = expected.astype(np.float32)
 
     def loss(x, y):
-        return soft_ce(x, y, label_smoothing=smoothing, z_loss=z_loss)
+        return soft_ce(x, y, label_smoothing=smoothing, z_loss=z_loss, class_weights=weights)
 
     alone = jax.jit(loss)(x, y)
     under_gradient, _ = jax.jit(jax.vjp, static_argnums=0)(loss, x, y)
@@ -568,6 +607,7 @@ def test_soft_label_value_alone_with_smoothing_and_z_loss(backend_forms, rng, sm
         value = np.asarray(value)
         np.testing.assert_array_equal(np.isnan(value), np.isnan(expected))
         np.testing.assert_array_equal(np.isposinf(value), np.isposinf(expected))
+        assert value[3] == expected[3]
         assert ref.rel_err(value[5:], expected[5:]) < 1e-5
         if np.isfinite(expected[4]):
             np.testing.assert_allclose(value[4], expected[4], rtol=1e-6)
@@ -857,5 +897,7 @@ def test_z_loss_gradient_at_plus_inf_logit_is_its_limit(backend_forms, loss_fn):
     p = ref.softmax(logits[1])  # the finite row: softmax - onehot + 2 z lse softmax
     lse = ref.logsumexp(logits[1])
     np.testing.assert_allclose(grad[1], p - np.eye(3)[1] + 0.2 * lse * p, rtol=1e-5)
+    (grad,) = vjp(jnp.array([-2.0, 1.0]))
+    np.testing.assert_array_equal(grad[0], [-np.inf, 0.0, 0.0])
     (grad,) = vjp(jnp.array([0.0, 1.0]))  # a zero cotangent: zero gradient, not NaN
     np.testing.assert_array_equal(grad[0], 0.0)

@@ -152,6 +152,33 @@ def test_soft_label_cross_entropy(rng, options, classes):
 
 
 @pytest.mark.parametrize("classes", ["known", "symbolic"])
+def test_soft_label_value_alone_with_class_weights(rng, classes):
+    """The value alone with class weights: one fused loop, its edge rows redone a row at a time.
+
+    Class 0 has weight 0 and a -inf logit in every row (the fast loop's
+    ``0 * -inf``), and the last row is all -inf (loss 0).
+    """
+    module = None
+    for n, c in SIZES[1:]:
+        x = (rng.standard_normal((n, c)) * 4).astype(np.float32)
+        y = rng.dirichlet(np.ones(c), n).astype(np.float32)
+        weight = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        weight[0], x[:, 0], x[-1] = 0.0, -np.inf, -np.inf
+        if module is None or classes == "known":
+            spec = f"b, {class_spec(classes, c)}"
+            module = exported(
+                lambda x, y, w: jsoftmax.softmax_cross_entropy(
+                    x, y, class_weights=w, label_smoothing=0.1, z_loss=1e-3
+                ),
+                (spec, np.float32),
+                (spec, np.float32),
+                (class_spec(classes, c), np.float32),
+            )
+        expected, _ = ref.soft_cross_entropy_minus_inf_allowed(x, y, weight, 0.1, 1e-3)
+        assert ref.rel_err(module.call(x, y, weight), expected) < TOL
+
+
+@pytest.mark.parametrize("classes", ["known", "symbolic"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_integer_label_cross_entropy_with_every_option(rng, reduction, classes):
     options = {"label_smoothing": 0.1, "z_loss": 1e-3, "ignore_index": -100}
