@@ -79,9 +79,9 @@ def standalone_table(title: str, classes: int, array_bytes: int, repeats: int, v
                 forward.append(compare(jax.jit(ours), jax.jit(theirs), args, repeats, 0.05))
                 both.append(
                     compare(
-                        _forward_and_backward(ours, cotangent),
-                        _forward_and_backward(theirs, cotangent),
-                        args,
+                        _forward_and_backward(ours),
+                        _forward_and_backward(theirs),
+                        (*args, cotangent),
                         repeats,
                         0.05,
                     )

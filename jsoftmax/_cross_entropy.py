@@ -273,12 +273,14 @@ def _soft_target(y, class_weight, smoothing: float, axes):
     return class_weight[0] * target if class_weight else target
 
 
-def _soft_loss_fast(smoothing: float, z_loss: float, axes, x, y, *class_weight):
+def _soft_loss_fast(smoothing: float, z_loss: float, dtype, axes, x, y, *class_weight):
     """``-sum(w * y' * log_softmax(x)) + z lse^2`` as the single loop XLA fuses; NaN on edge rows.
 
-    ``y'`` are the smoothed labels, ``w`` the class weights if given.
+    ``y'`` are the smoothed labels, ``w`` the class weights if given. ``x`` and
+    ``y`` come as given and are cast to ``dtype`` in the loop.
     """
-    m = _stable.row_max(x, axes)
+    m = _stable.row_max(x, axes).astype(dtype)  # exact in x's own dtype
+    x, y = x.astype(dtype), y.astype(dtype)
     shifted_logits = x - m
     log_s = jnp.log(jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True))
     target = _soft_target(y, class_weight, smoothing, axes)
@@ -292,7 +294,8 @@ def _soft_loss_fast(smoothing: float, z_loss: float, axes, x, y, *class_weight):
     return loss
 
 
-def _soft_loss_exact_rows(smoothing: float, z_loss: float, axes, x, y, *class_weight):
+def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, axes, x, y, *class_weight):
+    x, y = x.astype(dtype), y.astype(dtype)
     m, log_s = _stable.row_stats(x, None, axes, x.dtype)
     target = _soft_target(y, class_weight, smoothing, axes)
     loss = _soft_loss_exact(x, target, m, log_s, _Config(axes, smoothing, z_loss))
@@ -313,15 +316,17 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
     if one_loop and logit_mask is None:
         # Only the loss is needed without a gradient; XLA then drops the
-        # statistics above, which the backward pass keeps.
-        options = (config.label_smoothing, config.z_loss)
+        # statistics above, which the backward pass keeps. The inputs go in
+        # uncast: cast outside, 16-bit ones would be copied out in float32
+        # for the rare branch (measured 2-5x slower).
+        options = (config.label_smoothing, config.z_loss, dtype)
         class_weight = _per_class(weights, xm, axes, dtype)
         loss = _stable.rows_with_fallback(
             functools.partial(_soft_loss_fast, *options),
             functools.partial(_soft_loss_exact_rows, *options),
             axes,
-            xm,
-            labels.astype(dtype),
+            logits,
+            labels,
             *(() if class_weight is None else (class_weight,)),
         )
         if example_mask is not None:

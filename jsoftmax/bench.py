@@ -183,12 +183,16 @@ def compare(
 # -- the standalone functions ------------------------------------------------------------------
 
 
-def _standalone_cases(num_classes: int, n: int, key: jax.Array):
-    """(name, ours, theirs, args) for the four functions at one size; fn(*args) is the output."""
+def _standalone_cases(num_classes: int, n: int, key: jax.Array, dtype=jnp.float32):
+    """(name, ours, theirs, args) for the four functions at one size; fn(*args) is the output.
+
+    The logits and soft labels are of ``dtype``.
+    """
     k1, k2, k3 = jax.random.split(key, 3)
-    logits = jax.random.normal(k1, (n, num_classes), jnp.float32) * 3.0
+    logits = (jax.random.normal(k1, (n, num_classes), jnp.float32) * 3.0).astype(dtype)
     int_labels = jax.random.randint(k2, (n,), 0, num_classes)
     soft_labels = jax.nn.softmax(jax.random.normal(k3, (n, num_classes), jnp.float32), axis=-1)
+    soft_labels = soft_labels.astype(dtype)
     return [
         ("softmax", jsoftmax.softmax, jax.nn.softmax, (logits,)),
         ("log_softmax", jsoftmax.log_softmax, jax.nn.log_softmax, (logits,)),
@@ -207,11 +211,16 @@ def _standalone_cases(num_classes: int, n: int, key: jax.Array):
     ]
 
 
-def _forward_and_backward(fn: Callable, cotangent: jax.Array) -> Callable:
-    """``value_and_grad`` w.r.t. the first argument of ``sum(fn(...) * cotangent)``."""
+def _forward_and_backward(fn: Callable) -> Callable:
+    """``value_and_grad`` w.r.t. the first argument of ``sum(fn(...) * cotangent)``.
 
-    def scalar(first, *rest):
-        return jnp.sum(fn(first, *rest) * cotangent)
+    The cotangent is the last argument: closed over, it would be a constant that
+    XLA folds into the program (``sum(cotangent)`` precomputed at compile time).
+    """
+
+    def scalar(first, *rest_and_cotangent):
+        *rest, cotangent = rest_and_cotangent
+        return jnp.sum(fn(first, *rest).astype(cotangent.dtype) * cotangent)
 
     return jax.jit(jax.value_and_grad(scalar))
 
@@ -222,22 +231,23 @@ def _bench_shapes(
     repeats: int,
     log: Callable[[str], None],
     per_call: bool,
+    dtype=jnp.float32,
 ) -> list[dict]:
     """Forward and forward+backward comparisons of the four functions at each (N, C)."""
     rows = []
     key = jax.random.PRNGKey(0)
     for n, num_classes in shapes:
         key, sub, ct_key = jax.random.split(key, 3)
-        for name, ours, theirs, args in _standalone_cases(num_classes, n, sub):
+        for name, ours, theirs, args in _standalone_cases(num_classes, n, sub, dtype):
             out_shape = jax.eval_shape(theirs, *args).shape
             cotangent = jax.random.normal(ct_key, out_shape, jnp.float32)
             forward = compare(
                 jax.jit(ours), jax.jit(theirs), args, repeats, sizes.min_sample_s, per_call
             )
             both = compare(
-                _forward_and_backward(ours, cotangent),
-                _forward_and_backward(theirs, cotangent),
-                args,
+                _forward_and_backward(ours),
+                _forward_and_backward(theirs),
+                (*args, cotangent),
                 repeats,
                 sizes.min_sample_s,
                 per_call,
@@ -251,15 +261,22 @@ def _bench_shapes(
     return rows
 
 
-def bench_standalone(sizes: Sizes, repeats: int, log: Callable[[str], None]) -> list[dict]:
-    """The four functions at each class count, on inputs of ``sizes.array_bytes``."""
+def bench_standalone(
+    sizes: Sizes, repeats: int, log: Callable[[str], None], dtype=jnp.float32
+) -> list[dict]:
+    """The four functions at each class count, on inputs of ``sizes.array_bytes``.
+
+    The rows are counted as for float32 inputs, so every ``dtype`` has the same shapes.
+    """
     shapes = [(max(1, sizes.array_bytes // (4 * c)), c) for c in sizes.classes]
-    return _bench_shapes(shapes, sizes, repeats, log, per_call=False)
+    return _bench_shapes(shapes, sizes, repeats, log, per_call=False, dtype=dtype)
 
 
-def bench_small(sizes: Sizes, repeats: int, log: Callable[[str], None]) -> list[dict]:
+def bench_small(
+    sizes: Sizes, repeats: int, log: Callable[[str], None], dtype=jnp.float32
+) -> list[dict]:
     """The four functions on small arrays, each call waited for (latency)."""
-    return _bench_shapes(sizes.small, sizes, repeats, log, per_call=True)
+    return _bench_shapes(sizes.small, sizes, repeats, log, per_call=True, dtype=dtype)
 
 
 # -- the fused loss ----------------------------------------------------------------------------
@@ -337,6 +354,13 @@ def _ratio_table(rows: list[dict], unit: str, per_second: float, digits: int) ->
     return lines
 
 
+def _dtype_note(info: dict[str, str]) -> str:
+    dtype = info.get("dtype", "float32")
+    if dtype == "float32":
+        return "float32"
+    return f"{dtype} logits and soft labels (the fused loss below stays float32)"
+
+
 def render_markdown(
     info: dict[str, str], standalone: list[dict], small: list[dict], fused: list[dict]
 ) -> str:
@@ -351,7 +375,7 @@ def render_markdown(
         "",
         "Ratios are ours / theirs (below 1 is faster), the median over alternating rounds; "
         "`fwd+bwd` is `jax.value_and_grad` of the sum of the output times a random cotangent. "
-        "float32, jitted, after warm-up.",
+        f"{_dtype_note(info)}, jitted, after warm-up.",
         "",
         *_ratio_table(standalone, "ms", 1e3, 2),
         "",
@@ -480,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         help="MiB of one float32 [N, C] input of the standalone table (default 32): "
         "N = this / (4 C); larger keeps a fast device busy longer than one dispatch",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the logits and soft labels of the standalone and small-array tables "
+        "(default float32; the same shapes for every dtype; the fused table stays float32)",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.array_mib is not None:
@@ -497,12 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     info["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
     info["command"] = "python -m jsoftmax.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    info["dtype"] = args.dtype
+    dtype = jnp.dtype(args.dtype)
     for key in ("device", "host", "os", "software"):
         log(f"{key}: {info[key]}")
     log("standalone functions:")
-    standalone = bench_standalone(sizes, repeats, log)
+    standalone = bench_standalone(sizes, repeats, log, dtype)
     log("small arrays, per call:")
-    small = bench_small(sizes, repeats, log)
+    small = bench_small(sizes, repeats, log, dtype)
     log("fused linear + cross-entropy:")
     fused = bench_fused(sizes, repeats, log)
 

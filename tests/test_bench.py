@@ -1,5 +1,7 @@
 """A smoke test of the benchmark script at tiny sizes (no timing is checked)."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jsoftmax import bench
@@ -51,3 +53,21 @@ def test_array_mib_sets_the_rows_of_the_standalone_table(tmp_path, capsys):
     # 1 MiB of float32 at 16 and 256 classes: 16384 and 1024 rows
     assert "| softmax | jax.nn | 16 | 16384 |" in markdown
     assert "| softmax | jax.nn | 256 | 1024 |" in markdown
+
+
+def test_dtype_sets_the_standalone_tables_dtype(tmp_path, capsys):
+    assert (
+        bench.main(["--quick", "--repeats", "1", "--dtype", "bfloat16", "--out", str(tmp_path)])
+        == 0
+    )
+    markdown = capsys.readouterr().out
+    assert "bfloat16 logits and soft labels (the fused loss below stays float32)" in markdown
+    assert markdown.count("| softmax_cross_entropy |") == len(bench.QUICK.classes) + len(
+        bench.QUICK.small
+    )
+    cases = bench._standalone_cases(16, 4, jax.random.PRNGKey(0), jnp.bfloat16)
+    for _, _, _, args in cases:
+        assert args[0].dtype == jnp.bfloat16
+    assert cases[2][3][1].dtype == jnp.bfloat16  # the soft labels
+    with pytest.raises(SystemExit):
+        bench.main(["--dtype", "float64", "--out", str(tmp_path)])

@@ -569,13 +569,18 @@ def test_nan_logit_makes_its_example_nan(backend_forms):
         (0.1, 1e-3, True),
     ],
 )
-def test_soft_label_value_alone_with_options(backend_forms, rng, smoothing, z_loss, weighted):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_soft_label_value_alone_with_options(
+    backend_forms, rng, smoothing, z_loss, weighted, dtype
+):
     """The value alone (on XLA:CPU one fused loop, its edge rows redone) and under a gradient.
 
     20000 rows of 8 classes, enough for the redo to go a chunk of rows at a time;
     row 0 has a -inf logit with label 0, row 1 only -inf, row 2 a NaN, row 3 a
     +inf logit holding the label, row 4 logits of +-1e30, row 5 a -inf logit
-    with a positive label whose class weight is 0 (when weighted).
+    with a positive label whose class weight is 0 (when weighted). bfloat16
+    logits and labels are computed in float32, against the reference at
+    their rounded values.
     """
     n, c = 20000, 8
     x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
@@ -588,6 +593,7 @@ def test_soft_label_value_alone_with_options(backend_forms, rng, smoothing, z_lo
     x[4], y[4] = np.r_[1e30, -1e30, np.zeros(c - 2)], np.eye(c)[0]
     if weighted:
         weights[7], x[5, 7] = 0.0, -np.inf
+    x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
 
     with np.errstate(invalid="ignore"):  # rows 2 and 3, set below
         expected, _ = ref.soft_cross_entropy_minus_inf_allowed(x, y, weights, smoothing, z_loss)
@@ -604,6 +610,7 @@ def test_soft_label_value_alone_with_options(backend_forms, rng, smoothing, z_lo
     alone = jax.jit(loss)(x, y)
     under_gradient, _ = jax.jit(jax.vjp, static_argnums=0)(loss, x, y)
     for value in (alone, under_gradient):
+        assert value.dtype == jnp.float32
         value = np.asarray(value)
         np.testing.assert_array_equal(np.isnan(value), np.isnan(expected))
         np.testing.assert_array_equal(np.isposinf(value), np.isposinf(expected))
