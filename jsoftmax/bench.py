@@ -473,7 +473,9 @@ def render_plot(
     right.set_ylabel("MiB (log scale)")
     right.set_title("Fused linear + CE: value_and_grad memory")
     right.legend(fontsize=8)
-    fig.suptitle(f"{info['device']} | {info['host']}", fontsize=9)
+    dtype = info.get("dtype", "float32")
+    dtype_label = "" if dtype == "float32" else f" | {dtype} inputs (fused: float32)"
+    fig.suptitle(f"{info['device']} | {info['host']}{dtype_label}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
