@@ -165,6 +165,21 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
     return by_backend(x, mask, m, s, cpu=when_needed, other=always)
 
 
+def widened(x: jax.Array, dtype) -> jax.Array:
+    """``x.astype(dtype)``, for backward passes; bfloat16 to float32 through its bits.
+
+    The conversion is exact either way. A plain one in a backward pass is the
+    same instruction as the forward's, which XLA merges, and XLA:CPU then
+    writes the merged float32 copy of the logits out instead of converting
+    inside each loop; moving the bits (the upper half of a float32) is an
+    instruction of its own.
+    """
+    if x.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32:
+        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        return lax.bitcast_convert_type(lax.shift_left(bits, jnp.uint32(16)), jnp.float32)
+    return x.astype(dtype)
+
+
 def masked_in(x: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
     """``x`` in the compute ``dtype``, masked-out entries ``-inf``."""
     return masked(x.astype(dtype), mask)

@@ -643,6 +643,30 @@ def test_16_bit_logits_compute_in_float32(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_integer_label_gradient_with_edge_rows(backend_forms, dtype, rng):
+    """softmax - onehot from the rounded inputs in float64, at 2048 x 1024 (the size where
+    the backward's 16-bit forms apply), with a +inf logit at the label (gradient 0), a row
+    of -inf only (gradient 0) and an ignored example (gradient 0)."""
+    n, c = 2048, 1024
+    x = jnp.asarray(rng.standard_normal((n, c)) * 4, dtype)
+    labels = rng.integers(0, c, n)
+    x = x.at[0, 7].set(jnp.inf).at[1].set(-jnp.inf)
+    labels[0], labels[2] = 7, -100
+    g = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+
+    def loss(x):
+        return jnp.sum(int_ce(x, jnp.asarray(labels), ignore_index=-100) * g)
+
+    grad = jax.jit(jax.grad(loss))(x)
+    assert grad.dtype == dtype
+    grad = np.asarray(grad.astype(jnp.float32))
+    np.testing.assert_array_equal(grad[:3], 0.0)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)[3:]
+    expected = np.asarray(g[3:], np.float64)[:, None] * (ref.softmax(x64) - np.eye(c)[labels[3:]])
+    assert ref.rel_err(grad[3:], expected) < float(jnp.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_16_bit_huge_logits_do_not_overflow(dtype):
     big = float(jnp.finfo(dtype).max)
     logits = jnp.array([[big, 0.0, -big]], dtype)

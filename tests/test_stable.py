@@ -260,3 +260,12 @@ def test_nan_beside_plus_inf_stays_nan(backend_forms, name, shape, axis, rng):
     expected_out_nan = nan_rows if out.shape == nan_rows.shape else row_nan_in_x
     np.testing.assert_array_equal(np.isnan(out), expected_out_nan)
     np.testing.assert_array_equal(np.isnan(dx), row_nan_in_x)
+
+
+def test_widened_bfloat16_is_exact_for_every_bit_pattern():
+    bits = np.arange(2**16, dtype=np.uint16)
+    x = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.bfloat16)
+    widened = np.asarray(jax.jit(_stable.widened, static_argnums=1)(x, jnp.float32))
+    expected = np.asarray(x.astype(jnp.float32))
+    assert widened.dtype == np.float32
+    np.testing.assert_array_equal(widened.view(np.uint32), expected.view(np.uint32))
