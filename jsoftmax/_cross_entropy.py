@@ -235,21 +235,27 @@ def _custom_vjp_loss(forward, backward, forward_for_gradient=None):
 # --- soft labels -----------------------------------------------------------------
 
 
-def _soft_coefficients(y, weights, logit_mask, config, shape, dtype):
-    """``w * y'`` on the classes taking part, 0 on masked ones."""
-    smoothing = config.label_smoothing
-    coefficient = (
-        y
-        if smoothing == 0
-        else (1 - smoothing) * y
-        + smoothing / _num_taking_part(logit_mask, shape, config.axes, dtype)
-    )
-    class_weight = _per_class(weights, y, config.axes, dtype)
+def _soft_target(y, class_weight, smoothing: float, axes, logit_mask=None):
+    """``w * y'`` on the classes taking part, 0 on masked ones.
+
+    ``y' = (1 - e) y + e / K`` spreads label smoothing over the ``K`` classes
+    taking part; ``class_weight`` is laid along the classes, or None.
+    """
+    target = y
+    if smoothing:
+        share = smoothing / _num_taking_part(logit_mask, y.shape, axes, y.dtype)
+        target = (1 - smoothing) * y + share
     if class_weight is not None:
-        coefficient = class_weight * coefficient
+        target = class_weight * target
     if logit_mask is not None:
-        coefficient = jnp.where(logit_mask, coefficient, jnp.zeros_like(coefficient))
-    return coefficient
+        target = jnp.where(logit_mask, target, jnp.zeros_like(target))
+    return target
+
+
+def _soft_coefficients(y, weights, logit_mask, config, dtype):
+    """``_soft_target`` of labels ``y`` (in ``dtype``) with the flat ``[C]`` class weights."""
+    class_weight = _per_class(weights, y, config.axes, dtype)
+    return _soft_target(y, class_weight, config.label_smoothing, config.axes, logit_mask)
 
 
 def _soft_loss_exact(xm, coefficient, m, log_s, config):
@@ -260,20 +266,7 @@ def _soft_loss_exact(xm, coefficient, m, log_s, config):
     return loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
 
 
-def _smoothed(y, smoothing: float, axes):
-    """``(1 - e) y + e / K``: the labels with the uniform part of label smoothing."""
-    if not smoothing:
-        return y
-    return (1 - smoothing) * y + smoothing / _num_taking_part(None, y.shape, axes, y.dtype)
-
-
-def _soft_target(y, class_weight, smoothing: float, axes):
-    """``w * y'``: the smoothed labels, times the class weights if given (a 1-tuple)."""
-    target = _smoothed(y, smoothing, axes)
-    return class_weight[0] * target if class_weight else target
-
-
-def _soft_loss_fast(smoothing: float, z_loss: float, dtype, axes, x, y, *class_weight):
+def _soft_loss_fast(smoothing: float, z_loss: float, dtype, axes, x, y, class_weight=None):
     """``-sum(w * y' * log_softmax(x)) + z lse^2`` as the single loop XLA fuses; NaN on edge rows.
 
     ``y'`` are the smoothed labels, ``w`` the class weights if given. ``x`` and
@@ -294,7 +287,7 @@ def _soft_loss_fast(smoothing: float, z_loss: float, dtype, axes, x, y, *class_w
     return loss
 
 
-def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, axes, x, y, *class_weight):
+def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, axes, x, y, class_weight=None):
     x, y = x.astype(dtype), y.astype(dtype)
     m, log_s = _stable.row_stats(x, None, axes, x.dtype)
     target = _soft_target(y, class_weight, smoothing, axes)
@@ -332,9 +325,7 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one
         if example_mask is not None:
             loss = jnp.where(example_mask, loss, jnp.zeros_like(loss))
         return jnp.squeeze(loss, axis=axes), (m, log_s)
-    coefficient = _soft_coefficients(
-        labels.astype(dtype), weights, logit_mask, config, logits.shape, dtype
-    )
+    coefficient = _soft_coefficients(labels.astype(dtype), weights, logit_mask, config, dtype)
     loss = _soft_loss_exact(xm, coefficient, m, log_s, config)
     active = _example_is_active(log_s, example_mask)
     return _finish(loss, active, None, axes), (m, log_s)
@@ -347,9 +338,7 @@ def _soft_bwd(config, residuals, g):
     g = jnp.expand_dims(g.astype(dtype), axes)
     active = _example_is_active(log_s, example_mask)
     g = jnp.where(active, g, jnp.zeros_like(g))
-    coefficient = _soft_coefficients(
-        labels.astype(dtype), weights, logit_mask, config, logits.shape, dtype
-    )
+    coefficient = _soft_coefficients(labels.astype(dtype), weights, logit_mask, config, dtype)
     scale = jnp.sum(coefficient, axis=axes, keepdims=True)
     if config.z_loss:
         scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
