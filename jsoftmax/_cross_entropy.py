@@ -307,7 +307,10 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one
     axes = config.axes
     xm = _stable.masked_in(logits, logit_mask, dtype)
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
-    if one_loop and logit_mask is None:
+    num_classes = _num_classes(logits.shape, axes)
+    no_classes = known_sizes(num_classes) and num_classes == 0
+    # Without classes the loop's z-loss would be inf, not a NaN that the exact rows redo.
+    if one_loop and logit_mask is None and not no_classes:
         # Only the loss is needed without a gradient; XLA then drops the
         # statistics above, which the backward pass keeps. The inputs go in
         # uncast: cast outside, 16-bit ones would be copied out in float32

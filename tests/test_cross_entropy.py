@@ -696,6 +696,14 @@ def test_empty_class_axis_with_every_option():
     x = jnp.zeros((2, 0))
     soft = soft_ce(x, jnp.zeros((2, 0)), label_smoothing=0.1, class_weights=jnp.zeros(0))
     np.testing.assert_array_equal(soft, 0.0)
+    for dtype in (jnp.float32, jnp.float16):
+        # Each row's logsumexp is -inf; the z-loss of an empty row is 0 like its loss.
+        soft = soft_ce(x.astype(dtype), jnp.zeros((2, 0), dtype), z_loss=1e-4)
+        np.testing.assert_array_equal(soft, 0.0)
+        loss, grad = jax.value_and_grad(
+            lambda x: soft_ce(x, jnp.zeros_like(x), z_loss=1e-4, reduction="sum")
+        )(x.astype(dtype))
+        assert loss == 0.0 and grad.shape == (2, 0)
     labels = jnp.array([0, 0])
     for options in ({"label_smoothing": 0.1}, {"class_weights": jnp.zeros(0)}, {"z_loss": 0.1}):
         assert np.all(np.isnan(int_ce(x, labels, **options)))

@@ -321,6 +321,15 @@ def test_nan_makes_its_row_nan_and_only_its_row(backend_forms, name):
     assert not np.any(np.isnan(out[1]))
 
 
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_nan_makes_its_row_gradient_nan_and_only_its_row(backend_forms, name):
+    x = jnp.array([[1.0, jnp.nan, 2.0], [jnp.nan] * 3, [1.0, 2.0, 3.0]])
+    cotangent = jnp.array([[0.5, -1.0, 2.0]] * 3)
+    grad = jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent))(x)
+    assert np.all(np.isnan(grad[:2]))
+    assert np.all(np.isfinite(grad[2]))
+
+
 def test_masked_nan_is_ignored():
     x = jnp.array([1.0, jnp.nan, 2.0])
     where = jnp.array([True, False, True])
