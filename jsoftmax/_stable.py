@@ -312,14 +312,15 @@ def _one_call_under_vmap(fn, axes: tuple[int, ...], *arrays: jax.Array):
             out = fn(axes, *arrays)
             return out, jax.tree.map(lambda _: False, out)
         full_shape = arrays[0].shape[1:] if in_batched[0] else arrays[0].shape
-        arrays = [
-            a
-            if is_batched
-            else jnp.broadcast_to(a, (axis_size, *a.shape))
-            if a.shape == full_shape
-            else jnp.expand_dims(a, 0)
-            for a, is_batched in zip(arrays, in_batched, strict=True)
-        ]
+
+        def with_batch_axis(a, is_batched):
+            if is_batched:
+                return a
+            if a.shape == full_shape:
+                return jnp.broadcast_to(a, (axis_size, *a.shape))
+            return jnp.expand_dims(a, 0)
+
+        arrays = [with_batch_axis(a, b) for a, b in zip(arrays, in_batched, strict=True)]
         out = _one_call_under_vmap(fn, tuple(a + 1 for a in axes), *arrays)
         return out, jax.tree.map(lambda _: True, out)
 
