@@ -175,8 +175,12 @@ def _label_shifted(label_logit, m):
     return jnp.where(finite_under_inf, jnp.full_like(difference, -jnp.inf), difference)
 
 
-def _z_term(config, lse):
-    return config.z_loss * lse * lse if config.z_loss else 0.0
+def _z_term(config, lse, loss_scale=None):
+    """``z_loss * lse**2``, times ``loss_scale`` before the square can overflow."""
+    if not config.z_loss:
+        return 0.0
+    coefficient = config.z_loss if loss_scale is None else config.z_loss * loss_scale
+    return coefficient * lse * lse
 
 
 def _scaled_softmax(x, logit_mask, m, log_s, g, scale, config):
@@ -208,9 +212,28 @@ def _mean_denominator(logit_mask, example_mask, shape, axes, ignored=None, weigh
     return jnp.sum(jnp.where(counted, weight, jnp.zeros_like(weight)))
 
 
-def _custom_vjp_loss(forward, backward, forward_for_gradient=None):
+def _mean_scale(denominator, dtype) -> jax.Array:
+    """``1 / denominator`` (0 when it is 0), for losses that divide before they add up.
+
+    A weighted loss ``w_y * (lse - z_y)``, or a z-loss ``lse**2``, can pass the
+    largest float where its share of the mean does not; scaled inside the
+    loss, each term stays within the mean.
+    """
+    denominator = denominator.astype(dtype)
+    safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+    return lax.stop_gradient(jnp.where(denominator == 0, jnp.zeros_like(safe), 1 / safe))
+
+
+def _mean_of_scaled(losses, denominator) -> jax.Array:
+    """The sum of losses already divided by ``denominator``; 0 when that is 0."""
+    mean = jnp.sum(losses)
+    return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
+
+
+def _custom_vjp_loss(forward, backward, forward_for_gradient=None, *, num_arrays=5):
     """A ``custom_vjp`` loss of ``(logits, labels, logit_mask, example_mask, weights, config)``.
 
+    ``num_arrays`` counts the arguments before ``config`` (the static one).
     ``forward`` returns the per-example losses and the row statistics
     ``(m, log_s)``; the residuals are the inputs and those statistics only.
     ``forward_for_gradient``, if given, is the same function written for when
@@ -227,7 +250,7 @@ def _custom_vjp_loss(forward, backward, forward_for_gradient=None):
         loss, stats = forward_for_gradient(*args)
         return loss, (*args[:-1], *stats)
 
-    loss_fn = jax.custom_vjp(value, nondiff_argnums=(5,))
+    loss_fn = jax.custom_vjp(value, nondiff_argnums=(num_arrays,))
     loss_fn.defvjp(forward_rule, backward)
     return loss_fn
 
@@ -476,8 +499,11 @@ def softmax_cross_entropy(
 # --- integer labels ---------------------------------------------------------------
 
 
-def _integer_parts(logits, labels, logit_mask, weights, config, backward=False):
-    """The pieces both passes need: masked logits, label mask, smoothing terms."""
+def _integer_parts(logits, labels, logit_mask, weights, loss_scale, config, backward=False):
+    """The pieces both passes need: masked logits, label index and weight, bad labels.
+
+    ``loss_scale`` (None or a scalar) goes into the label's weight.
+    """
     dtype = compute_dtype(logits.dtype)
     axes = config.axes
     shape = logits.shape
@@ -490,6 +516,8 @@ def _integer_parts(logits, labels, logit_mask, weights, config, backward=False):
     invalid = ~in_range if ignored is None else ~in_range & ~ignored
     label_index = jnp.where(in_range, labels, 0).astype(jnp.int32)
     label_weight = 1.0 if weights is None else _weights_of(weights.astype(dtype), label_index)
+    if loss_scale is not None:
+        label_weight = label_weight * loss_scale
     return x, xm, label_index, label_weight, ignored, invalid
 
 
@@ -512,14 +540,16 @@ def _label_logit(logits, label_index, axes, dtype):
     return lax.bitcast_convert_type(bits, logits.dtype).astype(dtype)
 
 
-def _smoothing_parts(xm, m, logit_mask, weights, config):
-    """``e / K`` times the sums the uniform part of the labels needs, or None."""
+def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
+    """``e / K`` (times ``loss_scale``) and the class-weight sums of the uniform part, or None."""
     smoothing = config.label_smoothing
     if smoothing == 0:
         return None
     axes = config.axes
     shape, dtype = xm.shape, xm.dtype
     share = smoothing / _num_taking_part(logit_mask, shape, axes, dtype)
+    if loss_scale is not None:
+        share = share * loss_scale
     class_weight = _per_class(weights, xm, axes, dtype)
     if class_weight is None:
         class_weight = jnp.ones(tuple(1 for _ in shape), dtype)
@@ -529,10 +559,10 @@ def _smoothing_parts(xm, m, logit_mask, weights, config):
     return share, class_weight, weight_total
 
 
-def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
+def _integer_forward(logits, labels, logit_mask, example_mask, weights, loss_scale, config):
     axes = config.axes
     x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
-        logits, labels, logit_mask, weights, config
+        logits, labels, logit_mask, weights, loss_scale, config
     )
     m, log_s = _stable.row_stats(logits, logit_mask, axes, x.dtype)
     log_s_safe = _stable.safe_log_s(log_s)
@@ -540,7 +570,7 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
     label_logit = _label_logit(logits, label_index, axes, x.dtype)
     label_term = log_s_safe - _label_shifted(label_logit, m)
     loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * label_term)
-    smoothing = _smoothing_parts(xm, m, logit_mask, weights, config)
+    smoothing = _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config)
     if smoothing is not None:
         share, class_weight, weight_total = smoothing
         # share goes into the sum term by term: (K - 1) logit gaps near the largest
@@ -549,16 +579,16 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, config):
             share * class_weight, _stable.shifted(xm, m), axes
         )
         loss = loss + spread
-    loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
+    loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
     active = _example_is_active(log_s, example_mask, ignored)
     return _finish(loss, active, invalid, axes), (m, log_s)
 
 
 def _integer_bwd(config, residuals, g):
-    logits, labels, logit_mask, example_mask, weights, m, log_s = residuals
+    logits, labels, logit_mask, example_mask, weights, loss_scale, m, log_s = residuals
     axes = config.axes
     x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
-        logits, labels, logit_mask, weights, config, backward=True
+        logits, labels, logit_mask, weights, loss_scale, config, backward=True
     )
     g = jnp.expand_dims(g.astype(x.dtype), axes)
     active = _example_is_active(log_s, example_mask, ignored)
@@ -567,12 +597,13 @@ def _integer_bwd(config, residuals, g):
 
     label_coefficient = (1 - config.label_smoothing) * label_weight
     scale = label_coefficient
-    smoothing = _smoothing_parts(xm, m, logit_mask, weights, config)
+    smoothing = _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config)
     if smoothing is not None:
         share, class_weight, weight_total = smoothing
         scale = scale + share * weight_total
     if config.z_loss:
-        scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
+        z_coefficient = 2 * config.z_loss if loss_scale is None else 2 * config.z_loss * loss_scale
+        scale = scale + z_coefficient * _finite_logsumexp(m, log_s)
     d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config)
     if smoothing is not None:
         d_logits = d_logits - g * share * class_weight
@@ -582,7 +613,7 @@ def _integer_bwd(config, residuals, g):
     if example_mask is not None or ignored is not None:
         d_logits = _zero_rows(d_logits, active | invalid)
     float0_labels = jnp.zeros(labels.shape, jax.dtypes.float0)
-    return (d_logits.astype(logits.dtype), float0_labels, None, None, None)
+    return (d_logits.astype(logits.dtype), float0_labels, None, None, None, None)
 
 
 def _index_along(shape: tuple[int, ...], axis: int) -> jax.Array:
@@ -619,7 +650,7 @@ def _subtract_at_labels(d_logits, amount, label_index, axes, narrowed=False):
     return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))
 
 
-_integer_cross_entropy = _custom_vjp_loss(_integer_forward, _integer_bwd)
+_integer_cross_entropy = _custom_vjp_loss(_integer_forward, _integer_bwd, num_arrays=6)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -663,7 +694,9 @@ def softmax_cross_entropy_with_integer_labels(
       reduction: ``"none"``, ``"sum"`` or ``"mean"``; the mean divides by the
         number of counted examples, or by the sum of their labels' class
         weights when ``class_weights`` is given (PyTorch's definition), and
-        is 0 when nothing is counted.
+        is 0 when nothing is counted. It divides each term before adding,
+        so it is finite whenever it is representable, even where a weighted
+        loss or a z-loss term alone would overflow.
 
     Returns:
       The per-example losses (the labels' shape), or their sum or mean;
@@ -706,19 +739,18 @@ def softmax_cross_entropy_with_integer_labels(
     )
     check_reduction(reduction)
     labels = checked_labels(labels, _num_classes(logits.shape, axes), config.ignore_index)
-    losses = _integer_cross_entropy(logits, labels, logit_mask, example_mask, weights, config)
-    denominator = None
+    denominator = loss_scale = None
     if reduction == "mean":
         ignored = None if config.ignore_index is None else labels == config.ignore_index
-        label_weight = None
-        if weights is not None:
-            label_weight = _weights_of(weights, labels)
+        label_weight = None if weights is None else _weights_of(weights, labels)
         denominator = _mean_denominator(
-            logit_mask,
-            example_mask,
-            logits.shape,
-            axes,
-            ignored,
-            label_weight,
+            logit_mask, example_mask, logits.shape, axes, ignored, label_weight
         )
+        if weights is not None or config.z_loss:
+            loss_scale = _mean_scale(denominator, compute_dtype(logits.dtype))
+    losses = _integer_cross_entropy(
+        logits, labels, logit_mask, example_mask, weights, loss_scale, config
+    )
+    if loss_scale is not None:
+        return _mean_of_scaled(losses, denominator)
     return reduce_losses(losses, reduction, denominator)

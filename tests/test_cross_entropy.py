@@ -187,6 +187,53 @@ def test_mean_uses_the_class_weights_of_counted_examples(rng):
     np.testing.assert_allclose(ours, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"class_weights": [1.0, 3.0, 0.5]},
+        {"class_weights": [1.0, 3.0, 0.5], "label_smoothing": 0.2},
+        {"z_loss": 1.0},
+        {"z_loss": 1.0, "class_weights": [1.0, 3.0, 0.5], "where": [True, True, False, True]},
+    ],
+    ids=["weights", "weights_smoothing", "z_loss", "z_loss_weights_mask"],
+)
+def test_weighted_or_z_loss_mean_is_finite_when_only_its_terms_overflow(options):
+    """Terms beyond float32's range, ``3 * 2e38`` or ``(2e19)**2``, in a representable mean."""
+    logits = np.array(
+        [[0.0, -2e38, 0.0], [0.0, 1.0, 2.0], [2e19, 0.0, 0.0], [1.0, 0.0, -1.0]], np.float32
+    )
+    labels = np.array([1, 0, 0, 2])
+    weights = options.get("class_weights")
+    where = np.asarray(options.get("where", [True] * 4))
+    per_example, example_weight = ref.cross_entropy_int(
+        logits,
+        labels,
+        weights,
+        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+    )
+    expected = np.sum(per_example[where]) / np.sum(example_weight[where])
+    assert np.isinf(np.float32(np.max(per_example)))  # the terms themselves overflow
+    assert np.isfinite(np.float32(expected))
+
+    arrays = ("class_weights", "where")
+    kwargs = {k: jnp.asarray(v) if k in arrays else v for k, v in options.items()}
+    loss_fn = jax.jit(lambda x: int_ce(x, labels, reduction="mean", **kwargs))
+    loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logits))
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+    # d mean / d logits: each row's closed form times its weight share (the label term)
+    # plus its z-loss and smoothing parts, all over the same denominator.
+    target = np.eye(3)[labels] * (1 - options.get("label_smoothing", 0.0))
+    target = target + options.get("label_smoothing", 0.0) / 3
+    expected_grad = (
+        ref.soft_grad(logits, target, weights, z_loss=options.get("z_loss", 0.0))
+        * where[:, None]
+        / np.sum(example_weight[where])
+    )
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize("z_loss", [1e-4, 0.1])
 @pytest.mark.parametrize("integer", [False, True])
 def test_z_loss_adds_squared_logsumexp_and_its_gradient(z_loss, integer, rng):
