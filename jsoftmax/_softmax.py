@@ -113,13 +113,24 @@ def _log_softmax_bwd(axes, residuals, g):
     g = g.astype(o.dtype)
     if mask is not None:
         g = jnp.where(mask, g, jnp.zeros_like(g))
-    # A row with no probability (all -inf or masked) is constant: gradient 0. XLA:CPU's
-    # max skips NaN, so a NaN row looks empty too: the factor 0 keeps its NaN. A factor,
-    # not a select, so that XLA computes dx in one pass (a select took a second one).
-    has_probability = jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf) > -jnp.inf
     dx = g - jnp.exp(o) * jnp.sum(g, axis=axes, keepdims=True)
-    dx = dx * has_probability.astype(dx.dtype)
+    dx = dx * _one_unless_empty(o, axes)
     return dx.astype(out.dtype), None
+
+
+def _one_unless_empty(o, axes) -> jax.Array:
+    """Per row of log-probabilities ``o``: 1 if some class has probability, else 0.
+
+    A row with no probability (all -inf or masked) is constant: gradient 0. A
+    factor, not a select, so that XLA computes dx in one pass (a select took a
+    second one); XLA:CPU's max skips NaN, so a NaN row looks empty, and the
+    factor 0 keeps its NaN. Made without a comparison: XLA rewrites ``x *
+    float(a > b)`` into a select, which turns that NaN into 0 (seen with one
+    class, where the factor is elementwise). The largest probability is at
+    least ``1 / C``, so times the largest float it is at least 1.
+    """
+    largest = jnp.exp(jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf))
+    return jnp.minimum(largest * jnp.finfo(o.dtype).max, 1)
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)

@@ -330,6 +330,21 @@ def test_nan_makes_its_row_gradient_nan_and_only_its_row(backend_forms, name):
     assert np.all(np.isfinite(grad[2]))
 
 
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_nan_row_gradient_stays_nan_under_jit_with_one_class(backend_forms, name):
+    """With one class the empty-row factor is elementwise, where XLA rewrites
+    ``dx * float(a > b)`` into a select that would turn the NaN into 0."""
+    x = jnp.array([[1.0], [jnp.nan], [-jnp.inf]])
+    cotangent = jnp.array([0.5, -1.0, 2.0])
+    if name != "logsumexp":
+        cotangent = cotangent[:, None]
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent)))(x)
+    assert np.isnan(grad[1, 0])
+    # One class: softmax is 1, log_softmax 0 (constant), logsumexp x itself.
+    np.testing.assert_array_equal(grad[0], [0.5 if name == "logsumexp" else 0.0])
+    np.testing.assert_array_equal(grad[2], [0.0])
+
+
 def test_masked_nan_is_ignored():
     x = jnp.array([1.0, jnp.nan, 2.0])
     where = jnp.array([True, False, True])
