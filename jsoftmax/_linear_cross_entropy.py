@@ -246,11 +246,12 @@ def _logit_sum(cfg: _Config, z, x_c, sums, acc):
     return _dot(x_c.astype(acc), w_sum, 1, 0, acc) + b_sum
 
 
-def _row_loss(cfg: _Config, z, z_y, logit_sum, want_probs: bool = False):
-    """Per-row loss and statistics (maximum, log-sum) of a logit tile.
+def _row_loss(cfg: _Config, z, z_y, logit_sum, coef, want_probs: bool = False):
+    """Per-row weighted loss ``coef_i * loss_i`` and statistics (maximum, log-sum) of a logit tile.
 
     ``z_y`` is the raw label logit and ``logit_sum`` the sum of the row's logits
     (None without label smoothing); with split classes, of this device's classes.
+    Rows with ``coef_i == 0`` give an exact 0.
 
     With ``want_probs`` also returns the softmax of the tile. Without a soft-cap
     it is made from the same ``exp`` as the sum, in place of the tile (which is
@@ -279,9 +280,12 @@ def _row_loss(cfg: _Config, z, z_y, logit_sum, want_probs: bool = False):
     loss = (1.0 - eps) * (log_sum - jnp.minimum(z_y - m, 0.0))
     if eps > 0.0:
         loss = loss + eps * (log_sum - (logit_sum / cfg.num_classes - m))
+    row = coef * loss
     if cfg.z_loss > 0.0:
-        loss = loss + cfg.z_loss * lse * lse
-    return loss, (m, log_sum), probs
+        # coef first: lse**2 can pass the largest float where a mean's share of it does not.
+        row = row + coef * cfg.z_loss * lse * lse
+    row = jnp.where(coef != 0, row, jnp.zeros((), row.dtype))
+    return row, (m, log_sum), probs
 
 
 def _probabilities(z, m, log_sum):
@@ -426,8 +430,7 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         z = _logit_tile(cfg, x_c, w, b, acc)
         logit_sum = _logit_sum(cfg, z, x_c, sums, acc)
         z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-        loss, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_sum)
-        row = jnp.where(coef_c != 0, coef_c * loss, jnp.zeros((), acc))
+        row, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_sum, coef_c)
         rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
         maxima = lax.dynamic_update_slice_in_dim(maxima, m, start, 0)
         log_sums = lax.dynamic_update_slice_in_dim(log_sums, log_sum, start, 0)
@@ -489,8 +492,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
         if want_loss:
             logit_sum = _logit_sum(cfg, z, x_c, sums, acc)
             z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-            loss, stats, probs = _row_loss(cfg, z, z_y, logit_sum, want_probs=True)
-            row = jnp.where(coef_c != 0, coef_c * loss, jnp.zeros((), acc))
+            row, stats, probs = _row_loss(cfg, z, z_y, logit_sum, coef_c, want_probs=True)
             if fresh is not None:
                 row = jnp.where(fresh, row, lax.dynamic_slice_in_dim(rows, start, chunk))
             rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
@@ -810,7 +812,8 @@ def linear_softmax_cross_entropy(
       z_loss: adds ``z_loss * logsumexp(logits) ** 2`` per example.
       logit_softcap: if given, the logits are ``s * tanh((x @ w + b) / s)``.
       reduction: ``"mean"`` (the default: the mean over the examples that are
-        neither masked nor ignored, 0 if there are none), ``"sum"`` or
+        neither masked nor ignored, 0 if there are none; each loss is divided
+        before the sum, so a representable mean is finite), ``"sum"`` or
         ``"none"`` (per-example losses of ``labels``' shape, masked ones 0).
       chunk_size: rows per chunk, the memory/speed trade-off: the largest
         temporary is a float32 ``[chunk_size, C]`` tile. By default, rows for

@@ -303,6 +303,20 @@ def test_large_logits_are_stable(rng):
     assert ref.rel_err(grads[0], dx64) < TOL and ref.rel_err(grads[1], dw64) < TOL
 
 
+def test_mean_z_loss_is_finite_when_only_one_rows_square_overflows(backend_forms):
+    """One row's ``lse**2`` is 4e38, past float32's range; the mean of four is 1e38."""
+    x = jnp.array([[1e19, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    w = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = jnp.array([0, 2, 1, 0])
+    value, (dx, dw) = jax.value_and_grad(
+        lambda x, w: fused(x, w, labels, z_loss=1.0, chunk_size=2), argnums=(0, 1)
+    )(x, w)
+    value64, dx64, dw64, _ = ref.linear_cross_entropy(x, w, labels, z_loss=1.0)
+    assert np.isfinite(np.float32(value64)) and value64 > 9e37
+    assert ref.rel_err(value, value64) < TOL
+    assert ref.rel_err(dx, dx64) < TOL and ref.rel_err(dw, dw64) < TOL
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_gradient_is_exact_at_a_large_common_logit_level(reduction):
     """Probabilities come from ``z - max`` and the log-sum, kept apart: ``z - lse`` would
