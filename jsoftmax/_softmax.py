@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jsoftmax import _stable
-from jsoftmax._validation import Axis, as_float_array, compute_dtype, normalize_axes, split_mask
+from jsoftmax._validation import (
+    Axis,
+    as_float_array,
+    compute_dtype,
+    known_sizes,
+    normalize_axes,
+    split_mask,
+)
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
@@ -123,14 +132,19 @@ def _one_unless_empty(o, axes) -> jax.Array:
 
     A row with no probability (all -inf or masked) is constant: gradient 0. A
     factor, not a select, so that XLA computes dx in one pass (a select took a
-    second one); XLA:CPU's max skips NaN, so a NaN row looks empty, and the
-    factor 0 keeps its NaN. Made without a comparison: XLA rewrites ``x *
-    float(a > b)`` into a select, which turns that NaN into 0 (seen with one
-    class, where the factor is elementwise). The largest probability is at
-    least ``1 / C``, so times the largest float it is at least 1.
+    second one). XLA:CPU's max skips NaN, so a NaN row looks empty, and the
+    factor 0 keeps its NaN. With one class the factor is elementwise, and XLA
+    rewrites ``dx * float(a > b)`` into a select, which would turn that NaN
+    into 0; it is then made without a comparison (the largest probability is at
+    least ``1 / C``, so times the largest float it is at least 1). Not for
+    more classes: on XLA:CPU that form joins the row maximum to the gradient's
+    loop, measured 1.4x slower at 1k classes.
     """
-    largest = jnp.exp(jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf))
-    return jnp.minimum(largest * jnp.finfo(o.dtype).max, 1)
+    largest = jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf)
+    num_classes = math.prod(o.shape[a] for a in axes)
+    if known_sizes(num_classes) and num_classes > 1:
+        return (largest > -jnp.inf).astype(o.dtype)
+    return jnp.minimum(jnp.exp(largest) * jnp.finfo(o.dtype).max, 1)
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)

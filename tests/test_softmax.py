@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import math
 
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,23 @@ def test_nan_row_gradient_stays_nan_under_jit_with_one_class(backend_forms, name
     # One class: softmax is 1, log_softmax 0 (constant), logsumexp x itself.
     np.testing.assert_array_equal(grad[0], [0.5 if name == "logsumexp" else 0.0])
     np.testing.assert_array_equal(grad[2], [0.0])
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3,), (2, 2, 3)])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_nan_row_gradient_stays_nan_under_jit(backend_forms, name, shape):
+    x = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape) / 3
+    x = x.at[..., 1].set(jnp.nan)
+    out_shape = shape[:-1] if name == "logsumexp" else shape
+    cotangent = jnp.linspace(-1.0, 2.0, math.prod(out_shape)).reshape(out_shape)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent)))(x)
+    assert np.all(np.isnan(grad))
+    # An empty row next to the NaN ones still gets an exact 0.
+    if len(shape) > 1:
+        x = x.at[0].set(-jnp.inf)
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent)))(x)
+        np.testing.assert_array_equal(grad[0], 0.0)
+        assert np.all(np.isnan(grad[1:]))
 
 
 def test_masked_nan_is_ignored():
