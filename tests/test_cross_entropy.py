@@ -197,7 +197,7 @@ def test_mean_uses_the_class_weights_of_counted_examples(rng):
     ],
     ids=["weights", "weights_smoothing", "z_loss", "z_loss_weights_mask"],
 )
-def test_weighted_or_z_loss_mean_is_finite_when_only_its_terms_overflow(options):
+def test_weighted_or_z_loss_mean_is_finite_when_only_its_terms_overflow(backend_forms, options):
     """Terms beyond float32's range, ``3 * 2e38`` or ``(2e19)**2``, in a representable mean."""
     logits = np.array(
         [[0.0, -2e38, 0.0], [0.0, 1.0, 2.0], [2e19, 0.0, 0.0], [1.0, 0.0, -1.0]], np.float32
