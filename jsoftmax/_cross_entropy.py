@@ -233,7 +233,8 @@ def _mean_of_scaled(losses, denominator) -> jax.Array:
 def _custom_vjp_loss(forward, backward, forward_for_gradient=None, *, num_arrays=5):
     """A ``custom_vjp`` loss of ``(logits, labels, logit_mask, example_mask, weights, config)``.
 
-    ``num_arrays`` counts the arguments before ``config`` (the static one).
+    ``num_arrays`` counts the arguments before ``config`` (the static one): 6
+    where a ``loss_scale`` (None or a scalar, ``_mean_scale``) follows ``weights``.
     ``forward`` returns the per-example losses and the row statistics
     ``(m, log_s)``; the residuals are the inputs and those statistics only.
     ``forward_for_gradient``, if given, is the same function written for when
