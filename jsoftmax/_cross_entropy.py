@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from jsoftmax._validation import (
     check_label_smoothing,
     check_reduction,
     check_z_loss,
+    class_count,
     compute_dtype,
     explicit_sharding,
     known_sizes,
@@ -65,10 +65,6 @@ class _Config:
 # --- pieces shared by both losses ----------------------------------------------
 
 
-def _num_classes(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
-    return math.prod(shape[a] for a in axes)
-
-
 def _flat_class_index(shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
     """Each logit's flat class index (row-major over ``axes`` in the given order).
 
@@ -90,7 +86,7 @@ def _prepare_weights(
     if class_weights is None:
         return None
     weights = as_float_array("class_weights", class_weights)
-    num_classes = _num_classes(shape, axes)
+    num_classes = class_count(shape, axes)
     if weights.shape != (num_classes,):
         raise ValueError(
             f"class_weights must have shape ({num_classes},), one weight per class of the "
@@ -114,7 +110,7 @@ def _is_label(like: jax.Array, label_index: jax.Array, axes) -> jax.Array:
 def _num_taking_part(logit_mask, shape, axes, dtype) -> jax.Array | float:
     """``K``, the classes smoothing spreads over: all, or the unmasked ones per row."""
     if logit_mask is None:
-        num_classes = _num_classes(shape, axes)
+        num_classes = class_count(shape, axes)
         if not known_sizes(num_classes):
             return jnp.asarray(num_classes, dtype)  # symbolic (jax.export): at least 1
         return float(max(num_classes, 1))  # no classes: nothing to spread
@@ -175,12 +171,16 @@ def _label_shifted(label_logit, m):
     return jnp.where(finite_under_inf, jnp.full_like(difference, -jnp.inf), difference)
 
 
+def _z_coefficient(config, loss_scale=None):
+    """``z_loss``, times ``loss_scale`` where the mean is taken inside the loss."""
+    return config.z_loss if loss_scale is None else config.z_loss * loss_scale
+
+
 def _z_term(config, lse, loss_scale=None):
-    """``z_loss * lse**2``, times ``loss_scale`` before the square can overflow."""
+    """``z_loss * lse**2``, the scale applied before the square can overflow."""
     if not config.z_loss:
         return 0.0
-    coefficient = config.z_loss if loss_scale is None else config.z_loss * loss_scale
-    return coefficient * lse * lse
+    return _z_coefficient(config, loss_scale) * lse * lse
 
 
 def _scaled_softmax(x, logit_mask, m, log_s, g, scale, config):
@@ -331,7 +331,7 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one
     axes = config.axes
     xm = _stable.masked_in(logits, logit_mask, dtype)
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
-    num_classes = _num_classes(logits.shape, axes)
+    num_classes = class_count(logits.shape, axes)
     no_classes = known_sizes(num_classes) and num_classes == 0
     # Without classes the loop's z-loss would be inf, not a NaN that the exact rows redo.
     if one_loop and logit_mask is None and not no_classes:
@@ -511,7 +511,7 @@ def _integer_parts(logits, labels, logit_mask, weights, loss_scale, config, back
     x = _stable.widened(logits, dtype) if backward else logits.astype(dtype)
     xm = _stable.masked(x, logit_mask)
     labels = jnp.expand_dims(labels, axes)
-    num_classes = _num_classes(shape, axes)
+    num_classes = class_count(shape, axes)
     ignored = None if config.ignore_index is None else labels == config.ignore_index
     in_range = (labels >= 0) & (labels < num_classes)
     invalid = ~in_range if ignored is None else ~in_range & ~ignored
@@ -603,8 +603,7 @@ def _integer_bwd(config, residuals, g):
         share, class_weight, weight_total = smoothing
         scale = scale + share * weight_total
     if config.z_loss:
-        z_coefficient = 2 * config.z_loss if loss_scale is None else 2 * config.z_loss * loss_scale
-        scale = scale + z_coefficient * _finite_logsumexp(m, log_s)
+        scale = scale + 2 * _z_coefficient(config, loss_scale) * _finite_logsumexp(m, log_s)
     d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config)
     if smoothing is not None:
         d_logits = d_logits - g * share * class_weight
@@ -739,7 +738,7 @@ def softmax_cross_entropy_with_integer_labels(
         check_ignore_index(ignore_index),
     )
     check_reduction(reduction)
-    labels = checked_labels(labels, _num_classes(logits.shape, axes), config.ignore_index)
+    labels = checked_labels(labels, class_count(logits.shape, axes), config.ignore_index)
     denominator = loss_scale = None
     if reduction == "mean":
         ignored = None if config.ignore_index is None else labels == config.ignore_index

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -12,6 +10,7 @@ from jsoftmax import _stable
 from jsoftmax._validation import (
     Axis,
     as_float_array,
+    class_count,
     compute_dtype,
     known_sizes,
     normalize_axes,
@@ -141,7 +140,7 @@ def _one_unless_empty(o, axes) -> jax.Array:
     loop, measured 1.4x slower at 1k classes.
     """
     largest = jnp.max(o, axis=axes, keepdims=True, initial=-jnp.inf)
-    num_classes = math.prod(o.shape[a] for a in axes)
+    num_classes = class_count(o.shape, axes)
     if known_sizes(num_classes) and num_classes > 1:
         return (largest > -jnp.inf).astype(o.dtype)
     return jnp.minimum(jnp.exp(largest) * jnp.finfo(o.dtype).max, 1)

@@ -52,7 +52,7 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from jsoftmax._validation import known_sizes, split_along
+from jsoftmax._validation import class_count, known_sizes, split_along
 
 
 def by_backend(*args, cpu, other):
@@ -121,7 +121,7 @@ def row_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
         # JAX differentiates lax.reduce only at known sizes (not jax.export's symbolic ones)
         return jnp.maximum(jnp.max(x, axis=axes, keepdims=True), floor)
     m = jnp.expand_dims(lax.reduce(x, np.array(floor, x.dtype), lax.max, axes), axes)
-    if math.prod(x.shape[a] for a in axes) <= 1:
+    if class_count(x.shape, axes) <= 1:
         m = jnp.maximum(m, floor)
     return m
 
@@ -226,7 +226,7 @@ def _contiguous_row_length(shape: tuple[int, ...], axes: tuple[int, ...]) -> int
     """
     if axes != tuple(range(len(shape) - len(axes), len(shape))):
         return None
-    return math.prod(shape[a] for a in axes)
+    return class_count(shape, axes)
 
 
 def _block_size(shape: tuple[int, ...], dtype, axes: tuple[int, ...]) -> int | None:

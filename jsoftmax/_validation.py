@@ -84,6 +84,11 @@ def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, .
     return tuple(size for i, size in enumerate(shape) if i not in axes)
 
 
+def class_count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    """The number of classes: the product of the class axes' sizes (symbolic ones too)."""
+    return math.prod(shape[a] for a in axes)
+
+
 def kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     """``shape`` with the class axes set to 1, as ``keepdims=True`` leaves it."""
     return tuple(1 if i in axes else size for i, size in enumerate(shape))
