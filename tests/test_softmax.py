@@ -353,12 +353,12 @@ def test_nan_row_gradient_stays_nan_under_jit(backend_forms, name, shape):
     x = x.at[..., 1].set(jnp.nan)
     out_shape = shape[:-1] if name == "logsumexp" else shape
     cotangent = jnp.linspace(-1.0, 2.0, math.prod(out_shape)).reshape(out_shape)
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent)))(x)
+    gradient_of = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent)))
+    grad = gradient_of(x)
     assert np.all(np.isnan(grad))
     # An empty row next to the NaN ones still gets an exact 0.
     if len(shape) > 1:
-        x = x.at[0].set(-jnp.inf)
-        grad = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax_function(name)(x) * cotangent)))(x)
+        grad = gradient_of(x.at[0].set(-jnp.inf))
         np.testing.assert_array_equal(grad[0], 0.0)
         assert np.all(np.isnan(grad[1:]))
 
