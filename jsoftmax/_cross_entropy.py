@@ -230,17 +230,17 @@ def _mean_of_scaled(losses, denominator) -> jax.Array:
     return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
 
 
-def _custom_vjp_loss(forward, backward, forward_for_gradient=None, *, num_arrays=5):
-    """A ``custom_vjp`` loss of ``(logits, labels, logit_mask, example_mask, weights, config)``.
+def _custom_vjp_loss(forward, backward, forward_for_gradient=None):
+    """A ``custom_vjp`` loss of six arrays and the static ``config``.
 
-    ``num_arrays`` counts the arguments before ``config`` (the static one): 6
-    where a ``loss_scale`` (None or a scalar, ``_mean_scale``) follows ``weights``.
-    ``forward`` returns the per-example losses and the row statistics
-    ``(m, log_s)``; the residuals are the inputs and those statistics only.
-    ``forward_for_gradient``, if given, is the same function written for when
-    the statistics are kept. The forward rule calls it, never the custom_vjp
-    function itself, so that forward mode over the backward pass
-    (``jax.hessian``) works.
+    The arrays are ``(logits, labels, logit_mask, example_mask, weights,
+    loss_scale)``; ``loss_scale`` is None, or the ``_mean_scale`` of a mean
+    that divides inside the loss. ``forward`` returns the per-example losses
+    and the row statistics ``(m, log_s)``; the residuals are the inputs and
+    those statistics only. ``forward_for_gradient``, if given, is the same
+    function written for when the statistics are kept. The forward rule calls
+    it, never the custom_vjp function itself, so that forward mode over the
+    backward pass (``jax.hessian``) works.
     """
     forward_for_gradient = forward_for_gradient or forward
 
@@ -251,7 +251,7 @@ def _custom_vjp_loss(forward, backward, forward_for_gradient=None, *, num_arrays
         loss, stats = forward_for_gradient(*args)
         return loss, (*args[:-1], *stats)
 
-    loss_fn = jax.custom_vjp(value, nondiff_argnums=(num_arrays,))
+    loss_fn = jax.custom_vjp(value, nondiff_argnums=(6,))
     loss_fn.defvjp(forward_rule, backward)
     return loss_fn
 
@@ -282,53 +282,100 @@ def _soft_coefficients(y, weights, logit_mask, config, dtype):
     return _soft_target(y, class_weight, config.label_smoothing, config.axes, logit_mask)
 
 
-def _soft_loss_exact(xm, coefficient, m, log_s, config):
+@dataclasses.dataclass(frozen=True)
+class _SoftScales:
+    """Where a mean's ``loss_scale`` goes in the soft-label loss; each None if unscaled.
+
+    Into the class weights when there are any (a ``[C]`` product), else onto
+    each row's cross-entropy (a per-row product: per logit, on the labels, it
+    measured 7-12% slower on XLA:CPU), and always into the z-loss coefficient.
+    """
+
+    weights: jax.Array | None
+    row: jax.Array | None
+    z: jax.Array | None
+
+    @classmethod
+    def of(cls, weights, loss_scale):
+        if loss_scale is None:
+            return cls(weights, None, None)
+        if weights is not None:
+            return cls(weights * loss_scale, None, loss_scale)
+        return cls(None, loss_scale, loss_scale)
+
+
+def _soft_loss_exact(xm, coefficient, m, log_s, config, row_scale=None, z_scale=None):
     total = jnp.sum(coefficient, axis=config.axes, keepdims=True)
     loss = total * _stable.safe_log_s(log_s) - _weighted_sum(
         coefficient, _stable.shifted(xm, m), config.axes
     )
-    return loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s))
+    if row_scale is not None:
+        loss = loss * row_scale
+    return loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), z_scale)
 
 
-def _soft_loss_fast(smoothing: float, z_loss: float, dtype, axes, x, y, class_weight=None):
+# The optional arrays after x and y in the value alone's per-row functions, by name.
+_ROW_EXTRAS = ("class_weight", "row_scale", "z_scale")
+
+
+def _row_extras(names: tuple[str, ...], arrays) -> tuple[jax.Array | None, ...]:
+    """The ``_ROW_EXTRAS`` arrays, None for those not passed (``arrays`` come as ``names``)."""
+    given = dict(zip(names, arrays, strict=True))
+    return tuple(given.get(name) for name in _ROW_EXTRAS)
+
+
+def _soft_loss_fast(smoothing: float, z_loss: float, dtype, extra_names, axes, x, y, *extras):
     """``-sum(w * y' * log_softmax(x)) + z lse^2`` as the single loop XLA fuses; NaN on edge rows.
 
-    ``y'`` are the smoothed labels, ``w`` the class weights if given. ``x`` and
-    ``y`` come as given and are cast to ``dtype`` in the loop.
+    ``y'`` are the smoothed labels, ``w`` the class weights if given, and a
+    mean's row and z scales (keepdims-shaped) multiply the cross-entropy and
+    ``z`` if given. ``x`` and ``y`` come as given and are cast to ``dtype``
+    in the loop.
     """
+    class_weight, row_scale, z_scale = _row_extras(extra_names, extras)
     m = _stable.row_max(x, axes).astype(dtype)  # exact in x's own dtype
     x, y = x.astype(dtype), y.astype(dtype)
     shifted_logits = x - m
     log_s = jnp.log(jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True))
     target = _soft_target(y, class_weight, smoothing, axes)
     loss = -jnp.sum(target * (shifted_logits - log_s), axis=axes, keepdims=True)
+    if row_scale is not None:
+        loss = loss * row_scale
     if z_loss:
         # log_s used beyond the loss's sum makes XLA:CPU's fused loop 4x slower
         # (measured); a second pass for the logsumexp, kept apart, costs less.
         x_again, m_again = lax.optimization_barrier((x, m))
         log_s_again = jnp.log(jnp.sum(jnp.exp(x_again - m_again), axis=axes, keepdims=True))
-        loss = loss + z_loss * jnp.square(m_again + log_s_again)
+        lse = m_again + log_s_again
+        z_coefficient = z_loss if z_scale is None else z_loss * z_scale
+        loss = loss + z_coefficient * lse * lse  # not lse**2, which overflows first
     return loss
 
 
-def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, axes, x, y, class_weight=None):
+def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, extra_names, axes, x, y, *extras):
+    class_weight, row_scale, z_scale = _row_extras(extra_names, extras)
     x, y = x.astype(dtype), y.astype(dtype)
     m, log_s = _stable.row_stats(x, None, axes, x.dtype)
     target = _soft_target(y, class_weight, smoothing, axes)
-    loss = _soft_loss_exact(x, target, m, log_s, _Config(axes, smoothing, z_loss))
+    config = _Config(axes, smoothing, z_loss)
+    loss = _soft_loss_exact(x, target, m, log_s, config, row_scale, z_scale)
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
 
-def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one_loop=True):
+def _soft_forward(
+    logits, labels, logit_mask, example_mask, weights, loss_scale, config, one_loop=True
+):
     """The losses and the row statistics.
 
     ``one_loop``: without a logit mask, the value alone is the one loop XLA
-    fuses (label smoothing and z-loss are constants in it, class weights an
-    argument), its edge rows redone; for a gradient the statistics are
-    computed anyway, and the loss from them is cheaper than a second loop.
+    fuses (label smoothing and z-loss are constants in it, class weights and
+    a loss scale arguments), its edge rows redone; for a gradient the
+    statistics are computed anyway, and the loss from them is cheaper than a
+    second loop.
     """
     dtype = compute_dtype(logits.dtype, labels.dtype)
     axes = config.axes
+    scales = _SoftScales.of(weights, loss_scale)
     xm = _stable.masked_in(logits, logit_mask, dtype)
     m, log_s = _stable.row_stats(logits, logit_mask, axes, dtype)
     num_classes = class_count(logits.shape, axes)
@@ -339,42 +386,56 @@ def _soft_forward(logits, labels, logit_mask, example_mask, weights, config, one
         # statistics above, which the backward pass keeps. The inputs go in
         # uncast: cast outside, 16-bit ones would be copied out in float32
         # for the rare branch (measured 2-5x slower).
-        options = (config.label_smoothing, config.z_loss, dtype)
-        class_weight = _per_class(weights, xm, axes, dtype)
+        # keepdims-shaped scales: rows_with_fallback passes them whole to each chunk of rows
+        keepdims = (1,) * xm.ndim
+        extras = {
+            "class_weight": _per_class(scales.weights, xm, axes, dtype),
+            "row_scale": None if scales.row is None else jnp.reshape(scales.row, keepdims),
+            "z_scale": None if scales.z is None else jnp.reshape(scales.z, keepdims),
+        }
+        extras = {name: array for name, array in extras.items() if array is not None}
+        options = (config.label_smoothing, config.z_loss, dtype, tuple(extras))
         loss = _stable.rows_with_fallback(
             functools.partial(_soft_loss_fast, *options),
             functools.partial(_soft_loss_exact_rows, *options),
             axes,
             logits,
             labels,
-            *(() if class_weight is None else (class_weight,)),
+            *extras.values(),
         )
         if example_mask is not None:
             loss = jnp.where(example_mask, loss, jnp.zeros_like(loss))
         return jnp.squeeze(loss, axis=axes), (m, log_s)
-    coefficient = _soft_coefficients(labels.astype(dtype), weights, logit_mask, config, dtype)
-    loss = _soft_loss_exact(xm, coefficient, m, log_s, config)
+    y = labels.astype(dtype)
+    coefficient = _soft_coefficients(y, scales.weights, logit_mask, config, dtype)
+    loss = _soft_loss_exact(xm, coefficient, m, log_s, config, scales.row, scales.z)
     active = _example_is_active(log_s, example_mask)
     return _finish(loss, active, None, axes), (m, log_s)
 
 
 def _soft_bwd(config, residuals, g):
-    logits, labels, logit_mask, example_mask, weights, m, log_s = residuals
+    logits, labels, logit_mask, example_mask, weights, loss_scale, m, log_s = residuals
     axes = config.axes
     dtype = m.dtype
     g = jnp.expand_dims(g.astype(dtype), axes)
     active = _example_is_active(log_s, example_mask)
     g = jnp.where(active, g, jnp.zeros_like(g))
-    coefficient = _soft_coefficients(labels.astype(dtype), weights, logit_mask, config, dtype)
+    scales = _SoftScales.of(weights, loss_scale)
+    g_cross_entropy = g if scales.row is None else g * scales.row
+    y = labels.astype(dtype)
+    coefficient = _soft_coefficients(y, scales.weights, logit_mask, config, dtype)
     scale = jnp.sum(coefficient, axis=axes, keepdims=True)
+    if scales.row is not None:
+        scale = scale * scales.row
     if config.z_loss:
-        scale = scale + 2 * config.z_loss * _finite_logsumexp(m, log_s)
+        scale = scale + 2 * _z_coefficient(config, scales.z) * _finite_logsumexp(m, log_s)
     x = logits.astype(dtype)
-    d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config) - g * coefficient
+    d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config)
+    d_logits = d_logits - g_cross_entropy * coefficient
 
     # d loss / d y_c = (1 - e) w_c (lse - z_c) on the classes taking part.
-    label_scale = g * (1 - config.label_smoothing)
-    class_weight = _per_class(weights, logits, axes, dtype)
+    label_scale = g_cross_entropy * (1 - config.label_smoothing)
+    class_weight = _per_class(scales.weights, logits, axes, dtype)
     if class_weight is not None:
         label_scale = label_scale * class_weight
     log_probs = _stable.shifted_again(logits.astype(dtype), m) - _stable.safe_log_s(log_s)
@@ -384,7 +445,7 @@ def _soft_bwd(config, residuals, g):
         d_labels = jnp.where(logit_mask, d_labels, jnp.zeros_like(d_labels))
     if example_mask is not None:
         d_logits, d_labels = _zero_rows(d_logits, active), _zero_rows(d_labels, active)
-    return (d_logits.astype(logits.dtype), d_labels.astype(labels.dtype), None, None, None)
+    return (d_logits.astype(logits.dtype), d_labels.astype(labels.dtype), None, None, None, None)
 
 
 def _zero_rows(gradient, active):
@@ -490,10 +551,16 @@ def softmax_cross_entropy(
     weights = _prepare_weights(class_weights, logits.shape, axes)
     config = _Config(axes, check_label_smoothing(label_smoothing), check_z_loss(z_loss))
     check_reduction(reduction)
-    losses = _soft_cross_entropy(logits, labels, logit_mask, example_mask, weights, config)
-    denominator = None
+    denominator = loss_scale = None
     if reduction == "mean":
         denominator = _mean_denominator(logit_mask, example_mask, logits.shape, axes)
+        if weights is not None or config.z_loss:
+            loss_scale = _mean_scale(denominator, compute_dtype(logits.dtype, labels.dtype))
+    losses = _soft_cross_entropy(
+        logits, labels, logit_mask, example_mask, weights, loss_scale, config
+    )
+    if loss_scale is not None:
+        return _mean_of_scaled(losses, denominator)
     return reduce_losses(losses, reduction, denominator)
 
 
@@ -650,7 +717,7 @@ def _subtract_at_labels(d_logits, amount, label_index, axes, narrowed=False):
     return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))
 
 
-_integer_cross_entropy = _custom_vjp_loss(_integer_forward, _integer_bwd, num_arrays=6)
+_integer_cross_entropy = _custom_vjp_loss(_integer_forward, _integer_bwd)
 
 
 def softmax_cross_entropy_with_integer_labels(

@@ -582,16 +582,14 @@ def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
             return fn(axes, *arrays)
     else:
         chunk = None  # lax.map's chunks need a known number of rows
-    # Arrays the same along every row (class weights) stay whole, not one per row.
+    # Arrays the same along every row (class weights, a loss scale) stay whole, not one per row.
     is_per_row = [a.shape[: len(row_shape)] != (1,) * len(row_shape) for a in arrays]
     mapped = [
         jnp.broadcast_to(a, shape).reshape(rows, row_length)
         for a, per_row in zip(arrays, is_per_row, strict=True)
         if per_row
     ]
-    whole = [
-        a.reshape(row_length) for a, per_row in zip(arrays, is_per_row, strict=True) if not per_row
-    ]
+    whole = [a.reshape(-1) for a, per_row in zip(arrays, is_per_row, strict=True) if not per_row]
 
     def on_rows(row):
         mapped_next, whole_next = iter(row), iter(whole)

@@ -146,6 +146,14 @@ def cases(data, explicit):
     )
     if not explicit:
         return found
+    soft_options = {"class_weights": CLASS_WEIGHTS, "z_loss": 1e-3}
+    found["soft labels, mean, class weights and z-loss"] = (
+        lambda z, y: jsoftmax.softmax_cross_entropy(z, y, reduction="mean", **soft_options),
+        ("logits", "probs"),
+        (ROWS, ROWS),
+        np.mean(ref.cross_entropy_soft(z, data["probs"], CLASS_WEIGHTS, z_loss=1e-3)),
+        (ref.soft_grad(z, data["probs"], CLASS_WEIGHTS, z_loss=1e-3) / N,),
+    )
     found["fused, mean, masked, default chunk"] = (
         lambda x, w, b, y, m: jsoftmax.linear_softmax_cross_entropy(x, w, y, b=b, where=m),
         ("x", "w", "b", "labels", "example_mask"),
@@ -239,6 +247,13 @@ def class_split_cases(data):
             (CLASSES, P()),
             np.sum(ref.cross_entropy_soft(z, probs, CLASS_WEIGHTS, 0.1, 1e-3)),
             (ref.soft_grad(z, probs, CLASS_WEIGHTS, 0.1, 1e-3),),
+        ),
+        "classes split: soft labels, options, mean": (
+            lambda z, y: jsoftmax.softmax_cross_entropy(z, y, reduction="mean", **options),
+            ("logits", "probs"),
+            (CLASSES, P()),
+            np.mean(ref.cross_entropy_soft(z, probs, CLASS_WEIGHTS, 0.1, 1e-3)),
+            (ref.soft_grad(z, probs, CLASS_WEIGHTS, 0.1, 1e-3) / N,),
         ),
         "classes split: integer labels, options": (
             lambda z, y: jsoftmax.softmax_cross_entropy_with_integer_labels(

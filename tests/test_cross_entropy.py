@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from jax.ad_checkpoint import print_saved_residuals
 from jax.experimental import checkify
 from jax.test_util import check_grads
+from scipy import special
 
 import jsoftmax
 from tests import reference as ref
@@ -187,6 +188,7 @@ def test_mean_uses_the_class_weights_of_counted_examples(rng):
     np.testing.assert_allclose(ours, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
 @pytest.mark.parametrize(
     "options",
     [
@@ -197,40 +199,73 @@ def test_mean_uses_the_class_weights_of_counted_examples(rng):
     ],
     ids=["weights", "weights_smoothing", "z_loss", "z_loss_weights_mask"],
 )
-def test_weighted_or_z_loss_mean_is_finite_when_only_its_terms_overflow(backend_forms, options):
-    """Terms beyond float32's range, ``3 * 2e38`` or ``(2e19)**2``, in a representable mean."""
+def test_weighted_or_z_loss_mean_is_finite_when_only_its_terms_overflow(
+    backend_forms, options, integer
+):
+    """Terms beyond float32's range, ``3 * 2e38`` or ``(2e19)**2``, in a representable mean.
+
+    The integer loss's mean divides by the counted labels' class weights, the
+    soft-label loss's by the number of counted examples (PyTorch's definitions).
+    """
     logits = np.array(
         [[0.0, -2e38, 0.0], [0.0, 1.0, 2.0], [2e19, 0.0, 0.0], [1.0, 0.0, -1.0]], np.float32
     )
     labels = np.array([1, 0, 0, 2])
+    onehot = np.eye(3, dtype=np.float32)[labels]
     weights = options.get("class_weights")
+    smoothing = options.get("label_smoothing", 0.0)
+    z_loss = options.get("z_loss", 0.0)
     where = np.asarray(options.get("where", [True] * 4))
     per_example, example_weight = ref.cross_entropy_int(
-        logits,
-        labels,
-        weights,
-        label_smoothing=options.get("label_smoothing", 0.0),
-        z_loss=options.get("z_loss", 0.0),
+        logits, labels, weights, label_smoothing=smoothing, z_loss=z_loss
     )
-    expected = np.sum(per_example[where]) / np.sum(example_weight[where])
+    denominator = np.sum(example_weight[where]) if integer else np.sum(where)
+    expected = np.sum(per_example[where]) / denominator
     assert np.isinf(np.float32(np.max(per_example)))  # the terms themselves overflow
     assert np.isfinite(np.float32(expected))
 
     arrays = ("class_weights", "where")
     kwargs = {k: jnp.asarray(v) if k in arrays else v for k, v in options.items()}
-    loss_fn = jax.jit(lambda x: int_ce(x, labels, reduction="mean", **kwargs))
-    loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logits))
+    if integer:
+        loss_fn = jax.jit(lambda x, y: int_ce(x, labels, reduction="mean", **kwargs))
+    else:
+        loss_fn = jax.jit(lambda x, y: soft_ce(x, y, reduction="mean", **kwargs))
+    loss, (grad, label_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        jnp.asarray(logits), jnp.asarray(onehot)
+    )
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
     # d mean / d logits: each row's closed form times its weight share (the label term)
     # plus its z-loss and smoothing parts, all over the same denominator.
-    target = np.eye(3)[labels] * (1 - options.get("label_smoothing", 0.0))
-    target = target + options.get("label_smoothing", 0.0) / 3
-    expected_grad = (
-        ref.soft_grad(logits, target, weights, z_loss=options.get("z_loss", 0.0))
-        * where[:, None]
-        / np.sum(example_weight[where])
-    )
+    target = onehot * (1 - smoothing) + smoothing / 3
+    expected_grad = ref.soft_grad(logits, target, weights, z_loss=z_loss) * where[:, None]
+    np.testing.assert_allclose(grad, expected_grad / denominator, rtol=1e-5, atol=1e-12)
+    if not integer:
+        # d mean / d y_c = -(1 - e) w_c log softmax_c / denominator, with 3 * 2e38 in it.
+        class_weight = np.ones(3) if weights is None else np.asarray(weights, np.float64)
+        log_probs = special.log_softmax(logits.astype(np.float64), axis=-1)
+        expected_label_grad = -(1 - smoothing) * class_weight * log_probs * where[:, None]
+        np.testing.assert_allclose(
+            label_grad, expected_label_grad / denominator, rtol=1e-5, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+def test_z_loss_is_finite_where_only_the_logsumexp_square_overflows(backend_forms, integer):
+    """``1e-4 * (1e20)**2 = 1e36``: the coefficient multiplies before the square can overflow."""
+    logits = np.array([[1e20, 0.0, 3.0], [1.0, 2.0, 3.0]], np.float32)
+    labels = np.array([1, 2])
+    onehot = np.eye(3, dtype=np.float32)[labels]
+    expected = ref.cross_entropy_soft(logits, onehot, z_loss=1e-4)
+    expected_grad = ref.soft_grad(logits, onehot, z_loss=1e-4)
+    assert np.isinf(np.float32(1e20) ** 2) and np.all(np.isfinite(np.float32(expected)))
+
+    if integer:
+        loss_fn = jax.jit(lambda x: int_ce(x, labels, z_loss=1e-4))
+    else:
+        loss_fn = jax.jit(lambda x: soft_ce(x, onehot, z_loss=1e-4))
+    np.testing.assert_allclose(loss_fn(logits), expected, rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(loss_fn(x)))(jnp.asarray(logits))
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-12)
 
 
@@ -887,6 +922,24 @@ def test_soft_labels_edge_rows_among_many_rows(backend_forms):
     np.testing.assert_allclose(jax.jit(soft_ce)(logits, labels), expected, rtol=1e-6)
     batched = jax.vmap(soft_ce)(logits.reshape(2, -1, 4), labels.reshape(2, -1, 4))
     np.testing.assert_allclose(batched.reshape(-1), expected, rtol=1e-6)
+
+
+def test_soft_labels_scaled_mean_of_edge_rows_among_many_rows(backend_forms):
+    """A mean with class weights and a z-loss divides inside the loss; the value alone
+    redoes the edge rows (empty, 0 * -inf) a chunk of rows at a time with that scale."""
+    logits, labels, _ = _edge_rows()
+    logits, labels = logits[[0, 2, 3]], labels[[0, 2, 3]]
+    weights = np.array([1.0, 3.0, 0.5, 2.0], np.float32)
+    per_row, _ = ref.soft_cross_entropy_minus_inf_allowed(logits, labels, weights, z_loss=1e-3)
+    logits, labels = np.tile(logits, (8000, 1)), np.tile(labels, (8000, 1))
+    assert logits.nbytes > 256 * 1024
+
+    def mean_loss(x, y):
+        return soft_ce(x, y, class_weights=weights, z_loss=1e-3, reduction="mean")
+
+    np.testing.assert_allclose(jax.jit(mean_loss)(logits, labels), np.mean(per_row), rtol=1e-6)
+    halves = jax.jit(jax.vmap(mean_loss))(logits.reshape(2, -1, 4), labels.reshape(2, -1, 4))
+    np.testing.assert_allclose(halves, [np.mean(per_row)] * 2, rtol=1e-6)
 
 
 def test_soft_labels_forward_holds_no_logits_sized_temporary():

@@ -61,6 +61,9 @@ def loss_cases(labels, probs, logit_mask, example_mask):
         ),
         "logsumexp": lambda x: jsoftmax.logsumexp(x, where=logit_mask),
         "soft": lambda x: soft_ce(x, probs, class_weights=weights, label_smoothing=0.1),
+        "soft weights z-loss mean": lambda x: soft_ce(
+            x, probs, where=example_mask, class_weights=weights, z_loss=1e-3, reduction="mean"
+        ),
         "int": lambda x: int_ce(x, labels, z_loss=1e-3, label_smoothing=0.1),
         "int weights mean": lambda x: int_ce(
             x, labels, where=example_mask, class_weights=weights, reduction="mean"
@@ -159,7 +162,13 @@ def test_inside_shard_map_each_device_its_rows(shard_map_results, name):
     assert_matches_float64(shard_map_results[name])
 
 
-@pytest.mark.parametrize("name", (*FOUR_DEVICE_CASES, "fused, mean, masked, default chunk"))
+EXPLICIT_ONLY_CASES = (
+    "fused, mean, masked, default chunk",
+    "soft labels, mean, class weights and z-loss",
+)
+
+
+@pytest.mark.parametrize("name", (*FOUR_DEVICE_CASES, *EXPLICIT_ONLY_CASES))
 def test_rows_split_over_four_devices_each_does_its_share(split_results, name):
     """Explicit sharding, 4 devices: exact, and each device does a quarter of the work.
 
@@ -178,6 +187,7 @@ CLASS_SPLIT_CASES = (
     "classes split: logsumexp, logit mask",
     "classes split: log_softmax",
     "classes split: soft labels, options",
+    "classes split: soft labels, options, mean",
     "classes split: integer labels, options",
     "classes split: softmax, long rows",
     "classes split: integer labels, long rows",
