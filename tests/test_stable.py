@@ -269,3 +269,28 @@ def test_widened_bfloat16_is_exact_for_every_bit_pattern():
     expected = np.asarray(x.astype(jnp.float32))
     assert widened.dtype == np.float32
     np.testing.assert_array_equal(widened.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the size rule is XLA:CPU's")
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x, y: jax.grad(lambda x: jnp.sum(jsoftmax.softmax_cross_entropy(x, y)))(x),
+        lambda x, y: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x, y[..., 0].astype(jnp.int32)
+        ),
+        lambda x, y: jsoftmax.logsumexp(x, axis=-1),
+    ],
+    ids=["soft labels, gradient", "integer labels", "logsumexp"],
+)
+def test_small_inputs_take_the_branch_free_inf_count_on_cpu(loss):
+    """At most 4096 elements: no ``lax.cond`` (costlier per call there); above, the rare branch."""
+
+    def has_branch(rows, classes):
+        x = jax.ShapeDtypeStruct((rows, classes), jnp.float32)
+        return "conditional(" in jax.jit(loss).lower(x, x).compile().as_text()
+
+    assert not has_branch(128, 10)
+    assert not has_branch(64, 64)
+    assert has_branch(64, 65)
+    assert has_branch(1024, 100)
