@@ -300,7 +300,7 @@ class _SoftScales:
         if loss_scale is None:
             return cls(weights, None, None)
         if weights is not None:
-            return cls(weights * loss_scale, None, loss_scale)
+            return cls(weights.astype(loss_scale.dtype) * loss_scale, None, loss_scale)
         return cls(None, loss_scale, loss_scale)
 
 
@@ -809,12 +809,13 @@ def softmax_cross_entropy_with_integer_labels(
     denominator = loss_scale = None
     if reduction == "mean":
         ignored = None if config.ignore_index is None else labels == config.ignore_index
-        label_weight = None if weights is None else _weights_of(weights, labels)
+        dtype = compute_dtype(logits.dtype)
+        label_weight = None if weights is None else _weights_of(weights.astype(dtype), labels)
         denominator = _mean_denominator(
             logit_mask, example_mask, logits.shape, axes, ignored, label_weight
         )
         if weights is not None or config.z_loss:
-            loss_scale = _mean_scale(denominator, compute_dtype(logits.dtype))
+            loss_scale = _mean_scale(denominator, dtype)
     losses = _integer_cross_entropy(
         logits, labels, logit_mask, example_mask, weights, loss_scale, config
     )

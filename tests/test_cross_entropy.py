@@ -373,6 +373,32 @@ def test_gradient_matches_autodiff_of_a_plain_implementation(integer, rng):
         )
 
 
+@pytest.mark.parametrize("integer", [False, True])
+def test_float64_mean_with_float32_class_weights_and_z_loss(integer, rng):
+    """The mean's scale goes into float32 weights of float64 logits (strict promotion)."""
+    logits, labels, weights, probs = random_problem(rng)
+    with jax.enable_x64(True):
+        x = jnp.asarray(logits, jnp.float64)
+        target = jnp.asarray(np.eye(7)[labels] if integer else probs, jnp.float64)
+        w = jnp.asarray(weights, jnp.float64)
+        denominator = jnp.sum(w[labels]) if integer else len(labels)
+
+        def plain(x):
+            lse = jax.nn.logsumexp(x, axis=-1)
+            losses = -(w * target * jax.nn.log_softmax(x)).sum(-1) + 0.01 * lse**2
+            return jnp.sum(losses) / denominator
+
+        def ours(x):
+            kwargs = dict(class_weights=weights, z_loss=0.01, reduction="mean")
+            return int_ce(x, labels, **kwargs) if integer else soft_ce(x, target, **kwargs)
+
+        loss, grad = jax.value_and_grad(ours)(x)
+        assert loss.dtype == jnp.float64
+        np.testing.assert_allclose(loss, plain(x), rtol=1e-12)
+        np.testing.assert_allclose(ours(x), plain(x), rtol=1e-12)  # the value alone
+        np.testing.assert_allclose(grad, jax.grad(plain)(x), rtol=1e-12, atol=1e-15)
+
+
 # --- transformations -----------------------------------------------------------------
 
 
