@@ -369,7 +369,7 @@ def _soft_forward(
 
     ``one_loop``: without a logit mask, the value alone is the one loop XLA
     fuses (label smoothing and z-loss are constants in it, class weights and
-    a loss scale arguments), its edge rows redone; for a gradient the
+    a mean's scales are arguments), its edge rows redone; for a gradient the
     statistics are computed anyway, and the loss from them is cheaper than a
     second loop.
     """

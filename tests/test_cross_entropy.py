@@ -344,18 +344,31 @@ def test_check_grads_reverse_mode(integer, rng):
             check_grads(f, (x, jnp.asarray(probs, jnp.float64)), order=2, modes=["rev"])
 
 
+def float64_problem(rng, integer, n=11):
+    """``random_problem``'s labels and weights, and its logits, targets and weights in float64.
+
+    Call it with x64 enabled.
+    """
+    logits, labels, weights, probs = random_problem(rng, n=n)
+    target = np.eye(logits.shape[1])[labels] if integer else probs
+    as64 = functools.partial(jnp.asarray, dtype=jnp.float64)
+    return labels, weights, as64(logits), as64(target), as64(weights)
+
+
+def plain_losses(x, target, w, smoothing=0.0, z_loss=0.01):
+    """Per-example losses written with jax.nn, for autodiff references in float64."""
+    smoothed = target * (1 - smoothing) + smoothing / target.shape[-1]
+    lse = jax.nn.logsumexp(x, axis=-1)
+    return -(w * smoothed * jax.nn.log_softmax(x)).sum(-1) + z_loss * lse**2
+
+
 @pytest.mark.parametrize("integer", [False, True])
 def test_gradient_matches_autodiff_of_a_plain_implementation(integer, rng):
-    logits, labels, weights, probs = random_problem(rng)
     with jax.enable_x64(True):
-        x = jnp.asarray(logits, jnp.float64)
-        target = jnp.asarray(np.eye(7)[labels] if integer else probs, jnp.float64)
-        w = jnp.asarray(weights, jnp.float64)
+        labels, _, x, target, w = float64_problem(rng, integer)
 
         def plain(x):
-            smoothed = target * 0.8 + 0.2 / 7
-            lse = jax.nn.logsumexp(x, axis=-1)
-            return jnp.sum(-(w * smoothed * jax.nn.log_softmax(x)).sum(-1) + 0.01 * lse**2)
+            return jnp.sum(plain_losses(x, target, w, smoothing=0.2))
 
         def ours(x):
             kwargs = dict(class_weights=w, label_smoothing=0.2, z_loss=0.01)
@@ -364,10 +377,8 @@ def test_gradient_matches_autodiff_of_a_plain_implementation(integer, rng):
             return jnp.sum(soft_ce(x, target, **kwargs))
 
         np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-12, atol=1e-14)
-    logits, labels, weights, probs = random_problem(rng, n=2, c=7)
     with jax.enable_x64(True):
-        x = jnp.asarray(logits, jnp.float64)
-        target = jnp.asarray(np.eye(7)[labels] if integer else probs, jnp.float64)
+        labels, _, x, target, _ = float64_problem(rng, integer, n=2)
         np.testing.assert_allclose(
             jax.hessian(ours)(x), jax.hessian(plain)(x), rtol=1e-10, atol=1e-12
         )
@@ -376,17 +387,12 @@ def test_gradient_matches_autodiff_of_a_plain_implementation(integer, rng):
 @pytest.mark.parametrize("integer", [False, True])
 def test_float64_mean_with_float32_class_weights_and_z_loss(integer, rng):
     """The mean's scale goes into float32 weights of float64 logits (strict promotion)."""
-    logits, labels, weights, probs = random_problem(rng)
     with jax.enable_x64(True):
-        x = jnp.asarray(logits, jnp.float64)
-        target = jnp.asarray(np.eye(7)[labels] if integer else probs, jnp.float64)
-        w = jnp.asarray(weights, jnp.float64)
+        labels, weights, x, target, w = float64_problem(rng, integer)
         denominator = jnp.sum(w[labels]) if integer else len(labels)
 
         def plain(x):
-            lse = jax.nn.logsumexp(x, axis=-1)
-            losses = -(w * target * jax.nn.log_softmax(x)).sum(-1) + 0.01 * lse**2
-            return jnp.sum(losses) / denominator
+            return jnp.sum(plain_losses(x, target, w)) / denominator
 
         def ours(x):
             kwargs = dict(class_weights=weights, z_loss=0.01, reduction="mean")
