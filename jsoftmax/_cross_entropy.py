@@ -230,6 +230,24 @@ def _mean_of_scaled(losses, denominator) -> jax.Array:
     return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
 
 
+def _scale_inside(reduction, denominator, weights, config, dtype) -> jax.Array | None:
+    """The ``_mean_scale`` for a mean with class weights or a z-loss, else None.
+
+    Only their terms can overflow where the mean does not; without them the
+    mean divides the sum, as ``reduce_losses`` does.
+    """
+    if reduction == "mean" and (weights is not None or config.z_loss):
+        return _mean_scale(denominator, dtype)
+    return None
+
+
+def _reduce(losses, reduction, denominator, loss_scale) -> jax.Array:
+    """``reduce_losses``, or the sum of losses a ``loss_scale`` has already divided."""
+    if loss_scale is not None:
+        return _mean_of_scaled(losses, denominator)
+    return reduce_losses(losses, reduction, denominator)
+
+
 def _custom_vjp_loss(forward, backward, forward_for_gradient=None):
     """A ``custom_vjp`` loss of six arrays and the static ``config``.
 
@@ -347,8 +365,7 @@ def _soft_loss_fast(smoothing: float, z_loss: float, dtype, extra_names, axes, x
         x_again, m_again = lax.optimization_barrier((x, m))
         log_s_again = jnp.log(jnp.sum(jnp.exp(x_again - m_again), axis=axes, keepdims=True))
         lse = m_again + log_s_again
-        z_coefficient = z_loss if z_scale is None else z_loss * z_scale
-        loss = loss + z_coefficient * lse * lse  # not lse**2, which overflows first
+        loss = loss + _z_term(_Config(axes, smoothing, z_loss), lse, z_scale)
     return loss
 
 
@@ -551,17 +568,15 @@ def softmax_cross_entropy(
     weights = _prepare_weights(class_weights, logits.shape, axes)
     config = _Config(axes, check_label_smoothing(label_smoothing), check_z_loss(z_loss))
     check_reduction(reduction)
-    denominator = loss_scale = None
+    denominator = None
     if reduction == "mean":
         denominator = _mean_denominator(logit_mask, example_mask, logits.shape, axes)
-        if weights is not None or config.z_loss:
-            loss_scale = _mean_scale(denominator, compute_dtype(logits.dtype, labels.dtype))
+    dtype = compute_dtype(logits.dtype, labels.dtype)
+    loss_scale = _scale_inside(reduction, denominator, weights, config, dtype)
     losses = _soft_cross_entropy(
         logits, labels, logit_mask, example_mask, weights, loss_scale, config
     )
-    if loss_scale is not None:
-        return _mean_of_scaled(losses, denominator)
-    return reduce_losses(losses, reduction, denominator)
+    return _reduce(losses, reduction, denominator, loss_scale)
 
 
 # --- integer labels ---------------------------------------------------------------
@@ -806,19 +821,16 @@ def softmax_cross_entropy_with_integer_labels(
     )
     check_reduction(reduction)
     labels = checked_labels(labels, class_count(logits.shape, axes), config.ignore_index)
-    denominator = loss_scale = None
+    dtype = compute_dtype(logits.dtype)
+    denominator = None
     if reduction == "mean":
         ignored = None if config.ignore_index is None else labels == config.ignore_index
-        dtype = compute_dtype(logits.dtype)
         label_weight = None if weights is None else _weights_of(weights.astype(dtype), labels)
         denominator = _mean_denominator(
             logit_mask, example_mask, logits.shape, axes, ignored, label_weight
         )
-        if weights is not None or config.z_loss:
-            loss_scale = _mean_scale(denominator, dtype)
+    loss_scale = _scale_inside(reduction, denominator, weights, config, dtype)
     losses = _integer_cross_entropy(
         logits, labels, logit_mask, example_mask, weights, loss_scale, config
     )
-    if loss_scale is not None:
-        return _mean_of_scaled(losses, denominator)
-    return reduce_losses(losses, reduction, denominator)
+    return _reduce(losses, reduction, denominator, loss_scale)
