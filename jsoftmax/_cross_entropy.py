@@ -529,7 +529,8 @@ def softmax_cross_entropy(
       logits: Unnormalised log-probabilities, e.g. ``[batch, num_classes]``.
       labels: Targets of the logits' shape (or broadcastable to it), typically
         probabilities; they need not sum to 1.
-      axis: The class axis, or a tuple of class axes.
+      axis: The class axis, or a tuple of class axes; ``()`` makes each logit
+        an example of one class, as in optax.
       where: Optional boolean mask, per logit (the logits' shape) or per
         example (the loss's shape). Masked logits take no probability and
         their labels are ignored; masked examples give 0 loss and 0 gradient.
@@ -764,7 +765,8 @@ def softmax_cross_entropy_with_integer_labels(
       labels: Integer class indices of the logits' shape without ``axis``.
         With a tuple of class axes a label is a flat, row-major index over
         those axes in the order given (as in optax).
-      axis: The class axis, or a tuple of class axes.
+      axis: The class axis, or a tuple of class axes; ``()`` makes each logit
+        an example of one class, as in optax.
       where: Optional boolean mask, per logit (the logits' shape) or per
         example (the labels' shape). Masked logits take no probability;
         masked examples give 0 loss and 0 gradient.

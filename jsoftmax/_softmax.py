@@ -71,7 +71,8 @@ def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None
 
     Args:
       x: Logits, any floating dtype.
-      axis: The class axis, a tuple of axes, or None for all axes.
+      axis: The class axis, a tuple of axes, or None for all axes; ``()``
+        makes each element a row of one class, as in ``jax.nn``.
       where: Optional boolean mask, either of ``x``'s shape (per logit; anything
         that broadcasts to it also works) or of ``x``'s shape without ``axis``
         (per row). Masked entries take no probability.
@@ -158,7 +159,8 @@ def log_softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = 
 
     Args:
       x: Logits, any floating dtype.
-      axis: The class axis, a tuple of axes, or None for all axes.
+      axis: The class axis, a tuple of axes, or None for all axes; ``()``
+        makes each element a row of one class, as in ``jax.nn``.
       where: Optional boolean mask, per logit (``x``'s shape, or broadcastable
         to it) or per row (``x``'s shape without ``axis``).
 
@@ -226,7 +228,8 @@ def logsumexp(
 
     Args:
       x: Any floating array.
-      axis: The axis, a tuple of axes, or None for all axes.
+      axis: The axis, a tuple of axes, or None for all axes; ``()`` reduces
+        nothing (the result is ``x``, as in ``jax.nn``).
       where: Optional boolean mask, per element (``x``'s shape, or
         broadcastable to it) or per row (the shape of the result).
       keepdims: Keep the reduced axes with size 1.

@@ -53,6 +53,8 @@ def compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
 def normalize_axes(axis: Axis | None, ndim: int, name: str = "axis") -> tuple[int, ...]:
     """Canonical non-negative class axes, in the order given; None means all axes.
 
+    ``()`` is allowed, as in ``jax.nn``: each element is then a row of one class.
+
     The order matters only where class axes are flattened (integer labels, class
     weights): a flat class index is row-major over the axes in this order, as in
     optax.
@@ -67,8 +69,6 @@ def normalize_axes(axis: Axis | None, ndim: int, name: str = "axis") -> tuple[in
         axes = tuple(int(a) for a in axis)
     else:
         raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
-    if not axes:
-        raise ValueError(f"{name} must name at least one axis, got {axis!r}")
     canonical = []
     for a in axes:
         if not -ndim <= a < ndim:

@@ -294,7 +294,7 @@ def test_z_loss_adds_squared_logsumexp_and_its_gradient(z_loss, integer, rng):
 @pytest.mark.parametrize(
     "shape, axis",
     [((5,), -1), ((4, 6), -1), ((4, 6), 0), ((2, 3, 5), 1), ((2, 3, 4, 5), (1, 3)),
-     ((2, 3, 4, 5), (3, 1)), ((2, 3, 4, 5), (-1, -2))],
+     ((2, 3, 4, 5), (3, 1)), ((2, 3, 4, 5), (-1, -2)), ((4, 6), ())],
 )  # fmt: skip
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2, 1e4])
 def test_both_losses_over_shapes_axes_and_scales(backend_forms, shape, axis, scale, rng):
@@ -823,6 +823,35 @@ def test_empty_class_axis_with_every_option():
         assert np.all(np.isnan(int_ce(x, labels, **options)))
     grad = jax.grad(lambda x: int_ce(x, labels, label_smoothing=0.1).sum())(x)
     assert grad.shape == (2, 0)
+
+
+def test_no_class_axis_makes_each_logit_a_row_of_one_class(rng):
+    """``axis=()``: one class, so the cross-entropy is 0 and only the z-loss is left."""
+    x = jnp.asarray(rng.standard_normal((3, 4)) * 3, jnp.float32)
+    y = jnp.asarray(rng.random((3, 4)), jnp.float32)
+    z_loss, weight = 0.01, jnp.array([2.0])
+    for options in ({}, {"label_smoothing": 0.2, "class_weights": weight, "z_loss": z_loss}):
+        z = options.get("z_loss", 0.0)
+        for loss in (
+            lambda x, o=options: soft_ce(x, y, axis=(), **o),
+            lambda x, o=options: int_ce(x, jnp.zeros((3, 4), jnp.int32), axis=(), **o),
+        ):
+            value, grad = jax.value_and_grad(lambda x, f=loss: jnp.sum(f(x)))(x)
+            assert value.shape == ()
+            np.testing.assert_allclose(loss(x), z * np.square(x), rtol=1e-6)
+            # The cross-entropy's part, softmax * sum(w y') - w y', cancels to rounding.
+            assert ref.rel_err(grad, 2 * z * np.asarray(x, np.float64)) < 1e-5
+            assert np.max(np.abs(np.asarray(grad) - 2 * z * np.asarray(x))) < 1e-6
+    # The mean counts each logit as an example; with class weights it divides by their sum
+    # (the z-loss itself is not weighted).
+    mean = int_ce(x, jnp.zeros((3, 4), jnp.int32), axis=(), class_weights=weight, z_loss=z_loss,
+                  reduction="mean")  # fmt: skip
+    np.testing.assert_allclose(mean, z_loss * np.sum(np.square(x)) / (2 * 12), rtol=1e-6)
+    mean = soft_ce(x, y, axis=(), z_loss=z_loss, reduction="mean")
+    np.testing.assert_allclose(mean, z_loss * np.mean(np.square(x)), rtol=1e-6)
+    # Labels other than 0 are out of range; -inf logits are empty rows (loss 0).
+    assert np.all(np.isnan(int_ce(x, jnp.ones((3, 4), jnp.int32), axis=())))
+    np.testing.assert_array_equal(soft_ce(jnp.full((2,), -jnp.inf), jnp.ones(2), axis=()), 0.0)
 
 
 # --- bad labels (SPEC §4) ----------------------------------------------------------------

@@ -25,6 +25,7 @@ SHAPES_AND_AXES = [
     ((3, 5, 6), 1),
     ((3, 5, 6), (0, 2)),
     ((3, 5, 6), None),
+    ((4, 9), ()),  # no class axis: every element is a row of one class, as in jax.nn
 ]
 SCALES = [1e-3, 1.0, 30.0, 1e4]
 
@@ -422,6 +423,36 @@ def test_gradients_stay_accurate_at_large_magnitudes(scale, rng):
     x = (rng.standard_normal((4, 6)) * 3 + scale).astype(np.float32)
     dx = jax.grad(lambda x: jnp.sum(jsoftmax.logsumexp(x)))(jnp.asarray(x))
     assert ref.rel_err(dx, ref.softmax(x)) < 1e-6
+
+
+def test_no_class_axis_makes_each_element_a_row_of_one_class():
+    """``axis=()`` as in jax.nn, with the limits of one-class rows instead of its NaNs."""
+    x = jnp.array([[1.5, -jnp.inf, jnp.inf], [-3e38, 3e38, jnp.nan]])
+    where = jnp.array([[True, True, False], [True, False, True]])
+    nan = np.nan
+    expected = {
+        "softmax": [[1, 0, 1], [1, 1, nan]],
+        "log_softmax": [[0, -np.inf, 0], [0, 0, nan]],
+        "logsumexp": [[1.5, -np.inf, np.inf], [-3e38, 3e38, nan]],
+    }
+    masked = {
+        "softmax": [[1, 0, 0], [1, 0, nan]],
+        "log_softmax": [[0, -np.inf, -np.inf], [0, -np.inf, nan]],
+        "logsumexp": [[1.5, -np.inf, -np.inf], [-3e38, -np.inf, nan]],
+    }
+    for name in FUNCTIONS:
+        f = jsoftmax_function(name)
+        want = np.float32(expected[name])
+        np.testing.assert_array_equal(f(x, axis=()), want)
+        np.testing.assert_array_equal(jax.jit(f, static_argnums=1)(x, ()), want)
+        np.testing.assert_array_equal(jax.vmap(lambda r, f=f: f(r, axis=()))(x), want)
+        np.testing.assert_array_equal(f(x, axis=(), where=where), np.float32(masked[name]))
+        # Each output depends on its own element only: the Jacobian is diagonal.
+        grad = jax.grad(lambda x, f=f: jnp.sum(f(x, axis=())))(x)
+        diagonal = np.where(np.isnan(x), nan, 1.0 if name == "logsumexp" else 0.0)
+        diagonal[0, 1] = 0.0  # a row that is all -inf has no gradient
+        np.testing.assert_array_equal(grad, diagonal)
+    assert jsoftmax.logsumexp(x, axis=(), keepdims=True).shape == (2, 3)
 
 
 # --- bad input (SPEC §4) -------------------------------------------------------------
