@@ -322,11 +322,24 @@ class _SoftScales:
         return cls(None, loss_scale, loss_scale)
 
 
-def _soft_loss_exact(xm, coefficient, m, log_s, config, row_scale=None, z_scale=None):
-    total = jnp.sum(coefficient, axis=config.axes, keepdims=True)
-    loss = total * _stable.safe_log_s(log_s) - _weighted_sum(
-        coefficient, _stable.shifted(xm, m), config.axes
-    )
+def _soft_loss_exact(
+    xm, coefficient, m, log_s, config, row_scale=None, z_scale=None, per_term=False
+):
+    """The loss from the row statistics.
+
+    ``per_term`` sums ``w y' (log_s - (z - m))``, one product per logit, rather
+    than ``sum(w y') log_s - sum(w y' (z - m))``: for the value alone with a
+    logit mask that is one masked array fewer on XLA:CPU (whose reductions
+    take no select), but under a gradient one more.
+    """
+    safe_log_s = _stable.safe_log_s(log_s)
+    if per_term:
+        minus_log_probs = safe_log_s - _stable.shifted(xm, m)
+        # 0 * log_s: a NaN row whose coefficients are all 0 stays NaN.
+        loss = _weighted_sum(coefficient, minus_log_probs, config.axes) + 0 * safe_log_s
+    else:
+        total = jnp.sum(coefficient, axis=config.axes, keepdims=True)
+        loss = total * safe_log_s - _weighted_sum(coefficient, _stable.shifted(xm, m), config.axes)
     if row_scale is not None:
         loss = loss * row_scale
     return loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), z_scale)
@@ -425,7 +438,9 @@ def _soft_forward(
         return jnp.squeeze(loss, axis=axes), (m, log_s)
     y = labels.astype(dtype)
     coefficient = _soft_coefficients(y, scales.weights, logit_mask, config, dtype)
-    loss = _soft_loss_exact(xm, coefficient, m, log_s, config, scales.row, scales.z)
+    loss = _soft_loss_exact(
+        xm, coefficient, m, log_s, config, scales.row, scales.z, per_term=one_loop
+    )
     active = _example_is_active(log_s, example_mask)
     return _finish(loss, active, None, axes), (m, log_s)
 
