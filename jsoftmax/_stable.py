@@ -585,6 +585,23 @@ def rows_with_fallback(fast, exact, axes: tuple[int, ...], *arrays: jax.Array) -
 _CHUNK_BYTES = 256 * 1024
 
 
+def _as_bits(array: jax.Array) -> jax.Array:
+    """bfloat16 as its bits, ``uint16``, for a loop over chunks of rows.
+
+    XLA:CPU has no bfloat16 dynamic-slice: it widens the whole array to
+    float32 ahead of the loop (twice its size, held for a branch that rarely
+    runs). The bits cost one copy of the array's own size instead.
+    """
+    if array.dtype == jnp.bfloat16:
+        return lax.bitcast_convert_type(array, jnp.uint16)
+    return array
+
+
+def _from_bits(array: jax.Array, dtype) -> jax.Array:
+    """Undoes ``_as_bits``."""
+    return array if array.dtype == dtype else lax.bitcast_convert_type(array, dtype)
+
+
 def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
     """``fn(axes, *arrays)``, a per-row result (keepdims), computed a chunk of rows at a time.
 
@@ -609,13 +626,15 @@ def _by_row_chunks(fn, axes: tuple[int, ...], *arrays: jax.Array) -> jax.Array:
     # Arrays the same along every row (class weights, a loss scale) stay whole, not one per row.
     is_per_row = [a.shape[: len(row_shape)] != (1,) * len(row_shape) for a in arrays]
     mapped = [
-        jnp.broadcast_to(a, shape).reshape(rows, row_length)
+        _as_bits(jnp.broadcast_to(a, shape).reshape(rows, row_length))
         for a, per_row in zip(arrays, is_per_row, strict=True)
         if per_row
     ]
+    mapped_dtypes = [a.dtype for a, per_row in zip(arrays, is_per_row, strict=True) if per_row]
     whole = [a.reshape(-1) for a, per_row in zip(arrays, is_per_row, strict=True) if not per_row]
 
     def on_rows(row):
+        row = [_from_bits(r, dtype) for r, dtype in zip(row, mapped_dtypes, strict=True)]
         mapped_next, whole_next = iter(row), iter(whole)
         return fn((0,), *(next(mapped_next if per_row else whole_next) for per_row in is_per_row))
 

@@ -930,8 +930,11 @@ def test_bad_input_is_named(call, error, message):
         call()
 
 
-def _edge_rows():
-    """Rows that take the exact fallback: empty, a +inf, 0 * -inf; and plain rows."""
+def _edge_rows(dtype=np.float32):
+    """Rows that take the exact fallback: empty, a +inf, 0 * -inf; and plain rows.
+
+    Logits and labels come in ``dtype``, the expected losses from those values.
+    """
     inf = np.inf
     logits = np.array(
         [
@@ -953,11 +956,12 @@ def _edge_rows():
         ],
         np.float32,
     )
+    logits, labels = logits.astype(dtype), labels.astype(dtype)
     # float64 limits: 0 for the empty row, log 2 for the +inf pair, the rest as usual.
     finite = logits[2:].astype(np.float64)
     lse = np.log(np.sum(np.exp(finite - finite.max(1, keepdims=True)), 1)) + finite.max(1)
     log_probs = np.where(np.isneginf(finite), -inf, finite - lse[:, None])
-    products = labels[2:] * np.where(labels[2:] == 0, 0.0, log_probs)
+    products = labels[2:].astype(np.float64) * np.where(labels[2:] == 0, 0.0, log_probs)
     rest = -np.sum(products, 1)
     expected = np.concatenate([[0.0, np.log(2.0)], rest])
     return logits, labels, expected
@@ -974,12 +978,17 @@ def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap(backend_forms):
         assert not np.any(np.isnan(result))
 
 
-def test_soft_labels_edge_rows_among_many_rows(backend_forms):
-    """Past 256 KiB the exact redo runs a chunk of rows at a time: same limits."""
-    logits, labels, expected = _edge_rows()
-    logits, labels = np.tile(logits, (4000, 1)), np.tile(labels, (4000, 1))
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_soft_labels_edge_rows_among_many_rows(backend_forms, dtype):
+    """Past 256 KiB the exact redo runs a chunk of rows at a time: same limits.
+
+    (bfloat16 chunks go through the loop as their bits on XLA:CPU.)
+    """
+    logits, labels, expected = _edge_rows(dtype)
+    copies = 16000 // logits.itemsize
+    logits, labels = np.tile(logits, (copies, 1)), np.tile(labels, (copies, 1))
     assert logits.nbytes > 256 * 1024
-    expected = np.tile(expected, 4000)
+    expected = np.tile(expected, copies)
     np.testing.assert_allclose(jax.jit(soft_ce)(logits, labels), expected, rtol=1e-6)
     batched = jax.vmap(soft_ce)(logits.reshape(2, -1, 4), labels.reshape(2, -1, 4))
     np.testing.assert_allclose(batched.reshape(-1), expected, rtol=1e-6)
@@ -1057,6 +1066,18 @@ def test_bfloat16_integer_label_forward_makes_no_float32_copy():
     labels = jax.ShapeDtypeStruct((8192,), jnp.int32)
     compiled = jax.jit(int_ce).lower(logits, labels).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 8192 * 1024 * 4 / 8
+
+
+def test_bfloat16_soft_label_forward_holds_no_float32_copy():
+    """The rare exact redo reads bfloat16 chunks (exact on CPU).
+
+    XLA:CPU has no bfloat16 dynamic-slice and would widen both inputs to
+    float32 ahead of the redo's loop (64 MiB here); passed as their bits the
+    two are copied once (32 MiB). optax, which computes in bfloat16, holds none.
+    """
+    logits = jax.ShapeDtypeStruct((8192, 1024), jnp.bfloat16)
+    compiled = jax.jit(soft_ce).lower(logits, logits).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.1 * 2 * 8192 * 1024 * 2
 
 
 def test_soft_labels_second_order_through_the_fast_path(rng):
