@@ -658,7 +658,16 @@ def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
     return share, class_weight, weight_total
 
 
-def _integer_forward(logits, labels, logit_mask, example_mask, weights, loss_scale, config):
+def _integer_forward(
+    logits, labels, logit_mask, example_mask, weights, loss_scale, config, value_only=True
+):
+    """The losses and the row statistics.
+
+    ``value_only``: with label smoothing and a logit mask, the uniform part is
+    summed one product per logit with ``log_s`` inside (as ``_soft_loss_exact``'s
+    ``per_term``): one masked array fewer for the value alone on XLA:CPU, but
+    under a gradient one more.
+    """
     axes = config.axes
     x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
         logits, labels, logit_mask, weights, loss_scale, config
@@ -674,9 +683,14 @@ def _integer_forward(logits, labels, logit_mask, example_mask, weights, loss_sca
         share, class_weight, weight_total = smoothing
         # share goes into the sum term by term: (K - 1) logit gaps near the largest
         # float would overflow summed before it (PyTorch overflows there in float32).
-        spread = share * weight_total * log_s_safe - _weighted_sum(
-            share * class_weight, _stable.shifted(xm, m), axes
-        )
+        if value_only and logit_mask is not None:
+            minus_log_probs = log_s_safe - _stable.shifted(xm, m)
+            # 0 * log_s: a NaN row whose weights are all 0 stays NaN.
+            spread = _weighted_sum(share * class_weight, minus_log_probs, axes) + 0 * log_s_safe
+        else:
+            spread = share * weight_total * log_s_safe - _weighted_sum(
+                share * class_weight, _stable.shifted(xm, m), axes
+            )
         loss = loss + spread
     loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
     active = _example_is_active(log_s, example_mask, ignored)
@@ -748,7 +762,9 @@ def _subtract_at_labels(d_logits, amount, label_index, axes, narrowed=False):
     return d_logits - jnp.where(is_label, amount, jnp.zeros_like(amount))
 
 
-_integer_cross_entropy = _custom_vjp_loss(_integer_forward, _integer_bwd)
+_integer_cross_entropy = _custom_vjp_loss(
+    _integer_forward, _integer_bwd, functools.partial(_integer_forward, value_only=False)
+)
 
 
 def softmax_cross_entropy_with_integer_labels(

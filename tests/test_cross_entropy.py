@@ -1038,21 +1038,27 @@ def test_soft_labels_gradient_holds_no_logits_sized_temporary(shape):
     assert analysis.temp_size_in_bytes < math.prod(shape) * 4 / 8
 
 
+@pytest.mark.parametrize("integer", [False, True])
 @pytest.mark.parametrize("with_gradient", [False, True])
-def test_soft_labels_with_a_logit_mask_hold_at_most_two_logits_sized_temporaries(with_gradient):
+def test_smoothing_with_a_logit_mask_holds_at_most_two_logits_sized_temporaries(
+    integer, with_gradient
+):
     """XLA:CPU's reductions take no select, so a masked row is written out (exact on CPU).
 
     The value alone holds the masked logits and one product per logit (it held
-    three arrays); under a gradient two as well. optax holds two and three.
+    three arrays); under a gradient two as well. optax holds two (soft labels:
+    three) under a gradient, two for the value.
     """
     logits = jax.ShapeDtypeStruct((8192, 1024), jnp.float32)
     where = jax.ShapeDtypeStruct((8192, 1024), jnp.bool_)
+    labels = jax.ShapeDtypeStruct((8192,), jnp.int32) if integer else logits
 
     def loss(x, y, where):
-        return jnp.sum(soft_ce(x, y, where=where, label_smoothing=0.1))
+        ce = int_ce if integer else soft_ce
+        return jnp.sum(ce(x, y, where=where, label_smoothing=0.1))
 
     f = jax.value_and_grad(loss) if with_gradient else loss
-    analysis = jax.jit(f).lower(logits, logits, where).compile().memory_analysis()
+    analysis = jax.jit(f).lower(logits, labels, where).compile().memory_analysis()
     assert analysis.temp_size_in_bytes < 2.5 * 8192 * 1024 * 4
 
 
