@@ -646,7 +646,8 @@ def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
         return None
     axes = config.axes
     shape, dtype = xm.shape, xm.dtype
-    share = smoothing / _num_taking_part(logit_mask, shape, axes, dtype)
+    num_taking_part = _num_taking_part(logit_mask, shape, axes, dtype)
+    share = smoothing / num_taking_part
     if loss_scale is not None:
         share = share * loss_scale
     class_weight = _per_class(weights, xm, axes, dtype)
@@ -654,7 +655,10 @@ def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
         class_weight = jnp.ones(tuple(1 for _ in shape), dtype)
     if logit_mask is not None:
         class_weight = jnp.where(logit_mask, class_weight, jnp.zeros_like(class_weight))
-    weight_total = jnp.sum(jnp.broadcast_to(class_weight, shape), axis=axes, keepdims=True)
+    if weights is None and logit_mask is not None:
+        weight_total = num_taking_part
+    else:
+        weight_total = jnp.sum(jnp.broadcast_to(class_weight, shape), axis=axes, keepdims=True)
     return share, class_weight, weight_total
 
 
