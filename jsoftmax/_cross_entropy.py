@@ -322,21 +322,26 @@ class _SoftScales:
         return cls(None, loss_scale, loss_scale)
 
 
+def _summed_per_logit(coefficient, xm, m, safe_log_s, axes) -> jax.Array:
+    """``sum(coefficient * (log_s - (z - m)))``, one product per logit.
+
+    For the value alone with a logit mask: XLA:CPU's reductions take no
+    select, so ``sum(coefficient) * log_s - sum(coefficient * (z - m))``
+    would write the masked coefficients out for their own sum (under a
+    gradient, where that sum is needed anyway, it is the cheaper form).
+    """
+    minus_log_probs = safe_log_s - _stable.shifted(xm, m)
+    # 0 * log_s: a NaN row whose coefficients are all 0 stays NaN.
+    return _weighted_sum(coefficient, minus_log_probs, axes) + 0 * safe_log_s
+
+
 def _soft_loss_exact(
     xm, coefficient, m, log_s, config, row_scale=None, z_scale=None, per_term=False
 ):
-    """The loss from the row statistics.
-
-    ``per_term`` sums ``w y' (log_s - (z - m))``, one product per logit, rather
-    than ``sum(w y') log_s - sum(w y' (z - m))``: for the value alone with a
-    logit mask that is one masked array fewer on XLA:CPU (whose reductions
-    take no select), but under a gradient one more.
-    """
+    """The loss from the row statistics; ``per_term``: by ``_summed_per_logit``."""
     safe_log_s = _stable.safe_log_s(log_s)
     if per_term:
-        minus_log_probs = safe_log_s - _stable.shifted(xm, m)
-        # 0 * log_s: a NaN row whose coefficients are all 0 stays NaN.
-        loss = _weighted_sum(coefficient, minus_log_probs, config.axes) + 0 * safe_log_s
+        loss = _summed_per_logit(coefficient, xm, m, safe_log_s, config.axes)
     else:
         total = jnp.sum(coefficient, axis=config.axes, keepdims=True)
         loss = total * safe_log_s - _weighted_sum(coefficient, _stable.shifted(xm, m), config.axes)
@@ -668,9 +673,7 @@ def _integer_forward(
     """The losses and the row statistics.
 
     ``value_only``: with label smoothing and a logit mask, the uniform part is
-    summed one product per logit with ``log_s`` inside (as ``_soft_loss_exact``'s
-    ``per_term``): one masked array fewer for the value alone on XLA:CPU, but
-    under a gradient one more.
+    summed by ``_summed_per_logit``.
     """
     axes = config.axes
     x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
@@ -688,9 +691,7 @@ def _integer_forward(
         # share goes into the sum term by term: (K - 1) logit gaps near the largest
         # float would overflow summed before it (PyTorch overflows there in float32).
         if value_only and logit_mask is not None:
-            minus_log_probs = log_s_safe - _stable.shifted(xm, m)
-            # 0 * log_s: a NaN row whose weights are all 0 stays NaN.
-            spread = _weighted_sum(share * class_weight, minus_log_probs, axes) + 0 * log_s_safe
+            spread = _summed_per_logit(share * class_weight, xm, m, log_s_safe, axes)
         else:
             spread = share * weight_total * log_s_safe - _weighted_sum(
                 share * class_weight, _stable.shifted(xm, m), axes
