@@ -661,6 +661,9 @@ def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
     if logit_mask is not None:
         class_weight = jnp.where(logit_mask, class_weight, jnp.zeros_like(class_weight))
     if weights is None and logit_mask is not None:
+        # The count already taken, not a second sum of the masked weights (XLA:CPU
+        # would write those out). A fully masked row counts 1, not 0: it has no
+        # probability, its log_s_safe is 0 and its gradient is zeroed, so 1 is harmless.
         weight_total = num_taking_part
     else:
         weight_total = jnp.sum(jnp.broadcast_to(class_weight, shape), axis=axes, keepdims=True)
