@@ -7,6 +7,8 @@ label_smoothing, reduction) term by term.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from scipy import special
 
@@ -211,3 +213,89 @@ def linear_cross_entropy(
         g = g * (1 - np.tanh(raw / logit_softcap) ** 2)
     dx = (g @ w64.T).reshape(x64.shape)
     return value, dx, xf.T @ g, g.sum(0)
+
+
+# --- limits: rows with +inf, -inf, NaN and masks (for tests/fuzz.py) -----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLimits:
+    """Per row of ``[N, C]`` logits, after the mask: the limiting values SPEC §3 asks for."""
+
+    probabilities: np.ndarray  # [N, C]
+    log_probabilities: np.ndarray  # [N, C]
+    logsumexp: np.ndarray  # [N]
+    has_nan: np.ndarray  # [N], an unmasked NaN: the row's outputs are NaN
+    num_infinite: np.ndarray  # [N], the number of unmasked +inf logits
+    empty: np.ndarray  # [N], every logit masked or -inf
+
+
+def row_limits(x, mask) -> RowLimits:
+    """softmax, log_softmax and logsumexp of each row in float64, at their limits.
+
+    ``k`` ``+inf`` logits share the probability (``1 / k`` each, log-probability
+    ``-log k``; the rest 0 and ``-inf``); an empty row has probability 0,
+    log-probability and logsumexp ``-inf``; an unmasked NaN makes the row NaN.
+    The statistics are taken apart (``x - m`` and ``log s``), so that huge
+    logits keep their differences.
+    """
+    logits = np.where(mask, to64(x), -np.inf)
+    has_nan = np.any(np.isnan(logits), -1)
+    num_infinite = np.sum(logits == np.inf, -1)
+    empty = np.all(logits == -np.inf, -1)
+    finite = np.where(np.isfinite(logits), logits, -np.inf)
+    m = np.max(finite, -1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    s = np.sum(np.exp(finite - m), -1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        probabilities = np.exp(finite - m) / s
+        log_probabilities = (finite - m) - np.log(s)
+        logsumexp = m[:, 0] + np.log(s[:, 0])
+    is_infinite = logits == np.inf
+    k = np.maximum(num_infinite, 1)[:, None]
+    with_infinite = (num_infinite > 0)[:, None]
+    probabilities = np.where(with_infinite, is_infinite / k, probabilities)
+    log_probabilities = np.where(
+        with_infinite, np.where(is_infinite, -np.log(k), -np.inf), log_probabilities
+    )
+    logsumexp = np.where(num_infinite > 0, np.inf, logsumexp)
+    probabilities = np.where(empty[:, None], 0.0, probabilities)
+    log_probabilities = np.where(empty[:, None], -np.inf, log_probabilities)
+    logsumexp = np.where(empty, -np.inf, logsumexp)
+    return RowLimits(
+        np.where(has_nan[:, None], np.nan, probabilities),
+        np.where(has_nan[:, None], np.nan, log_probabilities),
+        np.where(has_nan, np.nan, logsumexp),
+        has_nan,
+        num_infinite,
+        empty,
+    )
+
+
+def weighted(coefficient, values) -> np.ndarray:
+    """``coefficient * values`` with a zero coefficient giving 0, even times ``inf``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(coefficient == 0, 0.0, coefficient * values)
+
+
+def cross_entropy_limit(x, target, mask, z_loss=0.0):
+    """The loss ``sum(target * -log_softmax) + z lse**2`` and its logit gradient, at the limits.
+
+    ``target`` is the per-logit coefficient (labels already smoothed and
+    weighted, 0 on masked logits). An empty row gives 0 and gradient 0; the
+    gradient ``p * sum(target) - target + 2 z lse p`` is given for rows without
+    ``+inf`` (or without a z-loss, whose term is then absent) and without NaN,
+    NaN elsewhere.
+    """
+    limits = row_limits(x, mask)
+    loss = np.sum(weighted(target, -limits.log_probabilities), -1)
+    p = limits.probabilities
+    with np.errstate(invalid="ignore", over="ignore"):
+        grad = p * np.sum(target, -1, keepdims=True) - target
+        if z_loss:
+            loss = loss + z_loss * limits.logsumexp**2
+            grad = grad + 2 * z_loss * limits.logsumexp[:, None] * p
+    loss = np.where(limits.empty, 0.0, np.where(limits.has_nan, np.nan, loss))
+    grad = np.where(limits.empty[:, None] | ~np.asarray(mask), 0.0, grad)
+    unknown = limits.has_nan | ((limits.num_infinite > 0) & bool(z_loss))
+    return loss, np.where(unknown[:, None], np.nan, grad)

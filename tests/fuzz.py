@@ -1,0 +1,324 @@
+"""Random rows with special values against the float64 limits of ``reference.row_limits``.
+
+Each case draws small ``[N, C]`` logits mixing ordinary values with ``+-inf``,
+NaN, huge and tiny ones, rows of only ``-inf``, a random mask, float32, bfloat16
+or float16, and random options (label smoothing, class weights, z-loss,
+``ignore_index``), and checks all five functions' values and logit gradients:
+NaN exactly where the reference has it, the same infinities, finite values
+within rounding. Run it longer than the test suite does with::
+
+    python -m tests.fuzz --seed 0 --cases 300 --forms cpu
+
+``--forms`` picks XLA:CPU's forms at every size (``cpu``), the GPU/TPU forms
+(``other``) or the library's own choice (``default``); ``--long-rows`` draws
+rows long enough for the block-by-block reductions.
+
+Left out by construction, as documented: a finite logit equal to the largest
+float beside a ``+inf`` (it counts as one), logits more than 3.4e38 apart, a
+masked logit as the integer label's own (read as given), and masked entries of
+a NaN row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsoftmax
+from tests import reference as ref
+
+SPECIAL_VALUES = np.array(
+    [np.inf, -np.inf, np.nan, 1e30, -1e30, 1.5e38, -1.5e38, 0.0, 1e-30, 1e-40]
+)
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Relative rounding of an output or gradient returned in each dtype (computed in float32).
+ROUNDING = {jnp.float32: 1e-5, jnp.bfloat16: 2.0**-7, jnp.float16: 2.0**-10}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    logits: np.ndarray  # float64 values exactly representable in dtype
+    mask: np.ndarray  # bool, per logit
+    dtype: object
+
+
+def draw_case(rng: np.random.Generator, long_rows: bool = False, many_rows: bool = False) -> Case:
+    dtype = DTYPES[rng.integers(len(DTYPES))] if rng.random() < 0.4 else jnp.float32
+    if long_rows:
+        n, c = int(rng.integers(1, 4)), int(rng.choice([33792, 40960]))
+    else:
+        n, c = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        if many_rows:
+            n = int(rng.integers(400, 700))
+    logits = rng.standard_normal((n, c)) * rng.choice([1.0, 10.0, 1e4])
+    is_special = rng.random((n, c)) < rng.choice([0.0, 0.05, 0.3, 0.8])
+    logits = np.where(is_special, rng.choice(SPECIAL_VALUES, (n, c)), logits)
+    logits[rng.random(n) < 0.1] = -np.inf
+    mask = rng.random((n, c)) < rng.choice([1.0, 0.7, 0.3])
+    return Case(_representable(logits, dtype), mask, dtype)
+
+
+def _representable(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` rounded to ``dtype`` (through float32), back in float64."""
+    return np.asarray(
+        jnp.asarray(values, jnp.float32).astype(dtype).astype(jnp.float32), np.float64
+    )
+
+
+def mismatches(actual, expected, rtol: float, atol: float = 0.0) -> np.ndarray:
+    """Where ``actual`` differs from ``expected``: NaN-ness, infinities, or beyond the tolerance.
+
+    The expected values are first taken to float32's range (beyond it, ``inf``
+    is right). The tolerance is relative to each entry (1-D) or to its row's
+    largest finite value (2-D), plus ``atol``.
+    """
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(np.abs(expected) > FLOAT32_MAX, np.sign(expected) * np.inf, expected)
+    finite = np.isfinite(expected)
+    scale = np.abs(np.where(finite, expected, 0.0))
+    if expected.ndim == 2:
+        scale = np.max(scale, -1, keepdims=True, initial=0.0)
+    with np.errstate(invalid="ignore"):
+        too_far = finite & ~(np.abs(actual - expected) <= rtol * scale + atol)
+    wrong_infinity = np.isinf(expected) & (actual != expected)
+    return (np.isnan(actual) != np.isnan(expected)) | wrong_infinity | too_far
+
+
+def _as64(x: jax.Array) -> np.ndarray:
+    return np.asarray(x.astype(jnp.float32), np.float64)
+
+
+def _logit_gradient(fn, logits: jax.Array, cotangent: jax.Array) -> np.ndarray:
+    _, vjp = jax.vjp(fn, logits)
+    return _as64(vjp(cotangent)[0])
+
+
+def check_softmax_family(case: Case, rng: np.random.Generator) -> list[str]:
+    """softmax, log_softmax and logsumexp: values, and gradients for a random cotangent."""
+    limits = ref.row_limits(case.logits, case.mask)
+    x = jnp.asarray(case.logits, jnp.float32).astype(case.dtype)
+    where = jnp.asarray(case.mask)
+    rounding = ROUNDING[case.dtype]
+    # Masked entries of a NaN row: either is fine.
+    counted = np.where(limits.has_nan[:, None], case.mask, True)
+    found = []
+
+    def note(name, bad, actual, expected):
+        if np.any(bad):
+            row = np.argwhere(bad)[0][0]
+            found.append(
+                f"{name} {np.dtype(case.dtype).name}: logits {case.logits[row].tolist()} "
+                f"mask {case.mask[row].tolist()} got {np.asarray(actual)[row].tolist()} "
+                f"expected {np.asarray(expected)[row].tolist()}"
+            )
+
+    probabilities = _as64(jsoftmax.softmax(x, where=where))
+    note(
+        "softmax",
+        mismatches(probabilities, limits.probabilities, rounding, 1e-7) & counted,
+        probabilities,
+        limits.probabilities,
+    )
+    log_probabilities = _as64(jsoftmax.log_softmax(x, where=where))
+    # In a +inf row the finite entries give x - largest (documented), whose limit is -inf.
+    far_below = (limits.num_infinite > 0)[:, None] & (log_probabilities < -1e37)
+    note(
+        "log_softmax",
+        mismatches(
+            np.where(far_below, -np.inf, log_probabilities),
+            limits.log_probabilities,
+            rounding,
+            rounding,
+        )
+        & counted,
+        log_probabilities,
+        limits.log_probabilities,
+    )
+    logsumexp = _as64(jsoftmax.logsumexp(x, where=where))
+    note(
+        "logsumexp",
+        mismatches(logsumexp, limits.logsumexp, rounding, rounding)[:, None],
+        logsumexp[:, None],
+        limits.logsumexp[:, None],
+    )
+
+    g = _representable(rng.standard_normal(case.logits.shape), case.dtype)
+    # log_softmax: a cotangent of 0 on its -inf outputs, whose products would be NaN.
+    g_log = np.where(limits.log_probabilities == -np.inf, 0.0, g)
+    g_lse = rng.standard_normal(case.logits.shape[0])
+    p = limits.probabilities
+    with np.errstate(invalid="ignore"):
+        expected = {
+            "softmax": p * (g - np.sum(g * p, -1, keepdims=True)),
+            "log_softmax": np.where(case.mask, g_log, 0.0)
+            - p * np.sum(np.where(case.mask, g_log, 0.0), -1, keepdims=True),
+            "logsumexp": g_lse[:, None] * p,
+        }
+    cotangents = {
+        "softmax": jnp.asarray(g, jnp.float32).astype(case.dtype),
+        "log_softmax": jnp.asarray(g_log, jnp.float32).astype(case.dtype),
+        "logsumexp": jnp.asarray(g_lse, jnp.float32).astype(case.dtype),
+    }
+    scale = {"softmax": np.abs(g), "log_softmax": np.abs(g_log), "logsumexp": np.abs(g_lse)}
+    for name, want in expected.items():
+        fn = getattr(jsoftmax, name)
+        got = _logit_gradient(lambda v, fn=fn: fn(v, where=where), x, cotangents[name])
+        want = np.where(limits.empty[:, None] | ~case.mask, 0.0, want)
+        atol = 8 * rounding * np.max(scale[name], initial=0.0)
+        bad = mismatches(got, want, 4 * rounding, atol) & case.mask & ~limits.has_nan[:, None]
+        bad |= np.isnan(got) & ~limits.has_nan[:, None]
+        note(f"{name} gradient", bad, got, want)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    label_smoothing: float
+    z_loss: float
+    class_weights: np.ndarray | None
+    per_logit_mask: bool
+
+
+def _draw_options(rng: np.random.Generator, num_classes: int) -> LossOptions:
+    weights = rng.uniform(0.5, 2.0, num_classes) if rng.random() < 0.5 else None
+    return LossOptions(
+        float(rng.choice([0.0, 0.1])), float(rng.choice([0.0, 1e-3])), weights, rng.random() < 0.5
+    )
+
+
+def _smoothing_share(options: LossOptions, mask: np.ndarray) -> np.ndarray:
+    """Per logit: ``e / K`` over the ``K`` classes taking part, times their weights; 0 if masked."""
+    share = options.label_smoothing / np.maximum(mask.sum(-1, keepdims=True), 1)
+    weights = 1.0 if options.class_weights is None else options.class_weights
+    return np.where(mask, share * weights, 0.0)
+
+
+def _check_loss(name, case, mask, target, options, loss_fn, rng, ignored=None) -> list[str]:
+    """One loss against ``ref.cross_entropy_limit`` of the per-logit ``target``."""
+    loss, grad = ref.cross_entropy_limit(case.logits, target, mask, options.z_loss)
+    if ignored is not None:
+        loss = np.where(ignored, 0.0, loss)
+        grad = np.where(ignored[:, None], 0.0, grad)
+    x = jnp.asarray(case.logits, jnp.float32).astype(case.dtype)
+    g = rng.standard_normal(case.logits.shape[0])
+    # The value alone and the value under a gradient are computed in different forms.
+    value = loss_fn(x)
+    value_for_gradient, vjp = jax.vjp(loss_fn, x)
+    got_grad = _as64(vjp(jnp.asarray(g, jnp.float32))[0])
+    want_grad = g[:, None] * grad
+    scale = np.max(np.abs(want_grad[np.isfinite(want_grad)]), initial=1.0)
+    bad_loss = mismatches(_as64(value), loss, 2e-5, 1e-6)
+    bad_loss |= mismatches(_as64(value_for_gradient), loss, 2e-5, 1e-6)
+    bad_grad = mismatches(got_grad, want_grad, ROUNDING[case.dtype], 1e-6 * scale)
+    bad_grad &= ~np.isnan(want_grad)  # rows the reference leaves open
+    bad_grad |= np.isnan(got_grad) & ~ref.row_limits(case.logits, mask).has_nan[:, None]
+    found = []
+    for what, bad, got, want in (
+        ("loss", bad_loss[:, None], _as64(value)[:, None], loss[:, None]),
+        ("gradient", bad_grad, got_grad, want_grad),
+    ):
+        if np.any(bad):
+            row = np.argwhere(bad)[0][0]
+            found.append(
+                f"{name} {what} {np.dtype(case.dtype).name} {options}: logits "
+                f"{case.logits[row].tolist()} mask {mask[row].tolist()} target "
+                f"{target[row].tolist()} got {got[row].tolist()} expected {want[row].tolist()}"
+            )
+    return found
+
+
+def _keywords(options: LossOptions) -> dict:
+    weights = options.class_weights
+    return dict(
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+        class_weights=None if weights is None else jnp.asarray(weights, jnp.float32),
+    )
+
+
+def check_soft_labels(case: Case, rng: np.random.Generator) -> list[str]:
+    n, c = case.logits.shape
+    options = _draw_options(rng, c)
+    labels = rng.dirichlet(np.ones(c), n) * rng.choice([1.0, 2.0])
+    labels = _representable(np.where(rng.random((n, c)) < 0.3, 0.0, labels), case.dtype)
+    mask = case.mask if options.per_logit_mask else np.ones_like(case.mask)
+    weights = 1.0 if options.class_weights is None else options.class_weights
+    target = np.where(mask, (1 - options.label_smoothing) * labels * weights, 0.0)
+    target = target + _smoothing_share(options, mask)
+    y = jnp.asarray(labels, jnp.float32).astype(case.dtype)
+    where = jnp.asarray(mask) if options.per_logit_mask else None
+
+    def loss_fn(x):
+        return jsoftmax.softmax_cross_entropy(x, y, where=where, **_keywords(options))
+
+    return _check_loss("soft labels", case, mask, target, options, loss_fn, rng)
+
+
+def check_integer_labels(case: Case, rng: np.random.Generator) -> list[str]:
+    n, c = case.logits.shape
+    options = _draw_options(rng, c)
+    labels = rng.integers(0, c, n)
+    ignore_index = -100 if rng.random() < 0.5 else None
+    ignored = (rng.random(n) < 0.2) if ignore_index is not None else np.zeros(n, bool)
+    mask = case.mask.copy() if options.per_logit_mask else np.ones_like(case.mask)
+    mask[np.arange(n), labels] = True  # the label's own logit is read as given: keep it unmasked
+    weights = np.ones(c) if options.class_weights is None else options.class_weights
+    onehot = np.eye(c)[labels]
+    target = (1 - options.label_smoothing) * weights[labels][:, None] * onehot
+    target = target + _smoothing_share(options, mask)
+    given_labels = jnp.asarray(np.where(ignored, ignore_index or 0, labels), jnp.int32)
+    where = jnp.asarray(mask) if options.per_logit_mask else None
+
+    def loss_fn(x):
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x, given_labels, where=where, ignore_index=ignore_index, **_keywords(options)
+        )
+
+    return _check_loss("integer labels", case, mask, target, options, loss_fn, rng, ignored)
+
+
+def mismatches_found(seed: int, cases: int, long_rows: bool = False, many_rows: bool = False):
+    """Yields the mismatches of ``cases`` random cases as found; each checks all five functions."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cases):
+        case = draw_case(rng, long_rows, many_rows and rng.random() < 0.3)
+        for check in (check_softmax_family, check_soft_labels, check_integer_labels):
+            yield from check(case, rng)
+
+
+def run(seed: int, cases: int, long_rows: bool = False, many_rows: bool = False) -> list[str]:
+    """All the mismatches of ``mismatches_found``."""
+    return list(mismatches_found(seed, cases, long_rows, many_rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--forms", choices=["default", "cpu", "other"], default="default")
+    parser.add_argument("--long-rows", action="store_true")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    from jsoftmax import _stable
+
+    if args.forms == "other":
+        _stable.by_backend = lambda *arrays, cpu, other: other(*arrays)
+    elif args.forms == "cpu":
+        _stable._BRANCH_FREE_ELEMENTS = 0
+    found = 0
+    for line in mismatches_found(args.seed, args.cases, args.long_rows, args.forms != "other"):
+        print(line, flush=True)
+        found += 1
+    print(f"{args.cases} cases, {found} mismatches")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
