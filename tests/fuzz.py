@@ -91,6 +91,18 @@ def mismatches(actual, expected, rtol: float, atol: float = 0.0) -> np.ndarray:
     return (np.isnan(actual) != np.isnan(expected)) | wrong_infinity | too_far
 
 
+def _first_mismatch(label: str, bad, got, want, **row_context) -> list[str]:
+    """A line for the first row where ``bad`` holds (none if it holds nowhere).
+
+    The line shows that row of each ``row_context`` array, then of ``got`` and ``want``.
+    """
+    if not np.any(bad):
+        return []
+    row = np.argwhere(bad)[0][0]
+    shown = {**row_context, "got": got, "expected": want}
+    return [label + ": " + " ".join(f"{k} {np.asarray(v)[row].tolist()}" for k, v in shown.items())]
+
+
 def _as64(x: jax.Array) -> np.ndarray:
     return np.asarray(x.astype(jnp.float32), np.float64)
 
@@ -111,13 +123,10 @@ def check_softmax_family(case: Case, rng: np.random.Generator) -> list[str]:
     found = []
 
     def note(name, bad, actual, expected):
-        if np.any(bad):
-            row = np.argwhere(bad)[0][0]
-            found.append(
-                f"{name} {np.dtype(case.dtype).name}: logits {case.logits[row].tolist()} "
-                f"mask {case.mask[row].tolist()} got {np.asarray(actual)[row].tolist()} "
-                f"expected {np.asarray(expected)[row].tolist()}"
-            )
+        label = f"{name} {np.dtype(case.dtype).name}"
+        found.extend(
+            _first_mismatch(label, bad, actual, expected, logits=case.logits, mask=case.mask)
+        )
 
     probabilities = _as64(jsoftmax.softmax(x, where=where))
     note(
@@ -219,19 +228,12 @@ def _check_loss(name, case, mask, target, options, loss_fn, rng, ignored=None) -
     bad_grad = mismatches(got_grad, want_grad, ROUNDING[case.dtype], 1e-6 * scale)
     bad_grad &= ~np.isnan(want_grad)  # rows the reference leaves open
     bad_grad |= np.isnan(got_grad) & ~ref.row_limits(case.logits, mask).has_nan[:, None]
-    found = []
-    for what, bad, got, want in (
-        ("loss", bad_loss[:, None], _as64(value)[:, None], loss[:, None]),
-        ("gradient", bad_grad, got_grad, want_grad),
-    ):
-        if np.any(bad):
-            row = np.argwhere(bad)[0][0]
-            found.append(
-                f"{name} {what} {np.dtype(case.dtype).name} {options}: logits "
-                f"{case.logits[row].tolist()} mask {mask[row].tolist()} target "
-                f"{target[row].tolist()} got {got[row].tolist()} expected {want[row].tolist()}"
-            )
-    return found
+    label = f"{np.dtype(case.dtype).name} {options}"
+    context = dict(logits=case.logits, mask=mask, target=target)
+    return [
+        *_first_mismatch(f"{name} loss {label}", bad_loss, _as64(value), loss, **context),
+        *_first_mismatch(f"{name} gradient {label}", bad_grad, got_grad, want_grad, **context),
+    ]
 
 
 def _keywords(options: LossOptions) -> dict:
