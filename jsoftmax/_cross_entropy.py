@@ -14,7 +14,9 @@ with respect to the logits is the closed form
 
 ``lse - z_c`` is computed as ``log_s - (z_c - m)`` from the row statistics of
 ``_stable``: both parts are exact, and every term is non-negative, so nothing
-cancels at large magnitudes.
+cancels at large magnitudes. It is taken in halves, ``log_s / 2 - (z_c / 2 -
+m / 2)``, and the loss doubled once the weights are in: logits more than the
+largest float apart then overflow only where the loss itself does.
 """
 
 from __future__ import annotations
@@ -156,15 +158,17 @@ def _finite_logsumexp(m, log_s):
     return jnp.where(_stable.nonempty(log_s), lse, jnp.zeros_like(lse))
 
 
-def _label_shifted(label_logit, m):
-    """``z_y - m`` for the label's logit, which may exceed ``m`` if the label is masked.
+def _label_half_shifted(label_logit, m):
+    """``(z_y - m) / 2`` for the label's logit, which may exceed ``m`` if the label is masked.
+
+    Halved before the subtraction, as ``_stable.half_shifted``.
 
     In a row with a ``+inf`` logit, a ``+inf`` label logit gives 0 (it shares the
     probability) and a finite one ``-inf``; a masked ``+inf`` label in a finite row
     gives ``+inf`` (the loss is then ``-inf``, as optax's), a NaN label logit NaN.
     """
     row_has_inf = m == jnp.inf
-    difference = label_logit - _stable.shift_of(m)
+    difference = label_logit * 0.5 + _stable.shift_of(m) * -0.5
     shares_inf = row_has_inf & (difference == jnp.inf)
     difference = jnp.where(shares_inf, jnp.zeros_like(difference), difference)
     finite_under_inf = row_has_inf & (label_logit < jnp.inf)
@@ -322,32 +326,36 @@ class _SoftScales:
         return cls(None, loss_scale, loss_scale)
 
 
-def _summed_per_logit(coefficient, xm, m, safe_log_s, axes) -> jax.Array:
-    """``sum(coefficient * (log_s - (z - m)))``, one product per logit.
+def _half_summed_per_logit(coefficient, xm, m, safe_log_s, axes) -> jax.Array:
+    """``sum(coefficient * (log_s - (z - m))) / 2``, one product per logit.
 
     For the value alone with a logit mask: XLA:CPU's reductions take no
     select, so ``sum(coefficient) * log_s - sum(coefficient * (z - m))``
     would write the masked coefficients out for their own sum (under a
     gradient, where that sum is needed anyway, it is the cheaper form).
     """
-    minus_log_probs = safe_log_s - _stable.shifted(xm, m)
+    half_minus_log_probs = safe_log_s * 0.5 - _stable.half_shifted(xm, m)
     # 0 * log_s: a NaN row whose coefficients are all 0 stays NaN.
-    return _weighted_sum(coefficient, minus_log_probs, axes) + 0 * safe_log_s
+    return _weighted_sum(coefficient, half_minus_log_probs, axes) + 0 * safe_log_s
 
 
 def _soft_loss_exact(
     xm, coefficient, m, log_s, config, row_scale=None, z_scale=None, per_term=False
 ):
-    """The loss from the row statistics; ``per_term``: by ``_summed_per_logit``."""
+    """The loss from the row statistics; ``per_term``: by ``_half_summed_per_logit``.
+
+    Summed in halves and doubled last, so that it overflows only past the largest float.
+    """
     safe_log_s = _stable.safe_log_s(log_s)
     if per_term:
-        loss = _summed_per_logit(coefficient, xm, m, safe_log_s, config.axes)
+        half_loss = _half_summed_per_logit(coefficient, xm, m, safe_log_s, config.axes)
     else:
         total = jnp.sum(coefficient, axis=config.axes, keepdims=True)
-        loss = total * safe_log_s - _weighted_sum(coefficient, _stable.shifted(xm, m), config.axes)
+        half_gaps = _weighted_sum(coefficient, _stable.half_shifted(xm, m), config.axes)
+        half_loss = total * (safe_log_s * 0.5) - half_gaps
     if row_scale is not None:
-        loss = loss * row_scale
-    return loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), z_scale)
+        half_loss = half_loss * row_scale
+    return 2 * half_loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), z_scale)
 
 
 # The optional arrays after x and y in the value alone's per-row functions, by name.
@@ -475,9 +483,11 @@ def _soft_bwd(config, residuals, g):
     class_weight = _per_class(scales.weights, logits, axes, dtype)
     if class_weight is not None:
         label_scale = label_scale * class_weight
-    log_probs = _stable.shifted_again(logits.astype(dtype), m) - _stable.safe_log_s(log_s)
-    minus_log_probs = -log_probs
-    d_labels = jnp.where(label_scale == 0, jnp.zeros_like(g), label_scale * minus_log_probs)
+    half_shifted = _stable.half_shifted_again(logits.astype(dtype), m)
+    half_minus_log_probs = _stable.safe_log_s(log_s) * 0.5 - half_shifted
+    # Doubled after the scale: lse - z_c itself can pass the largest float.
+    d_labels = 2 * (label_scale * half_minus_log_probs)
+    d_labels = jnp.where(label_scale == 0, jnp.zeros_like(d_labels), d_labels)
     if logit_mask is not None:
         d_labels = jnp.where(logit_mask, d_labels, jnp.zeros_like(d_labels))
     if example_mask is not None:
@@ -686,21 +696,22 @@ def _integer_forward(
     log_s_safe = _stable.safe_log_s(log_s)
     label_coefficient = (1 - config.label_smoothing) * label_weight
     label_logit = _label_logit(logits, label_index, axes, x.dtype)
-    label_term = log_s_safe - _label_shifted(label_logit, m)
-    loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * label_term)
+    # In halves, doubled last: lse - z_y itself can pass the largest float.
+    half_label_term = log_s_safe * 0.5 - _label_half_shifted(label_logit, m)
+    half_loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * half_label_term)
     smoothing = _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config)
     if smoothing is not None:
         share, class_weight, weight_total = smoothing
         # share goes into the sum term by term: (K - 1) logit gaps near the largest
         # float would overflow summed before it (PyTorch overflows there in float32).
         if value_only and logit_mask is not None:
-            spread = _summed_per_logit(share * class_weight, xm, m, log_s_safe, axes)
+            half_spread = _half_summed_per_logit(share * class_weight, xm, m, log_s_safe, axes)
         else:
-            spread = share * weight_total * log_s_safe - _weighted_sum(
-                share * class_weight, _stable.shifted(xm, m), axes
+            half_spread = share * weight_total * (log_s_safe * 0.5) - _weighted_sum(
+                share * class_weight, _stable.half_shifted(xm, m), axes
             )
-        loss = loss + spread
-    loss = loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
+        half_loss = half_loss + half_spread
+    loss = 2 * half_loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
     active = _example_is_active(log_s, example_mask, ignored)
     return _finish(loss, active, invalid, axes), (m, log_s)
 

@@ -276,11 +276,15 @@ def _row_loss(cfg: _Config, z, z_y, logit_sum, coef, want_probs: bool = False):
     lse = m + log_sum
     if want_probs and probs is None:
         probs = _probabilities(z, m, log_sum)
-    # z_y <= m, but computed apart it can exceed m by an ulp: never a negative loss.
-    loss = (1.0 - eps) * (log_sum - jnp.minimum(z_y - m, 0.0))
+    # In halves, doubled once coef is in: logits more than the largest float
+    # apart overflow only where the row's loss does. z_y <= m, but computed
+    # apart it can exceed m by an ulp: never a negative loss.
+    half_log_sum = log_sum * 0.5
+    half_loss = (1.0 - eps) * (half_log_sum - jnp.minimum(z_y * 0.5 - m * 0.5, 0.0))
     if eps > 0.0:
-        loss = loss + eps * (log_sum - (logit_sum / cfg.num_classes - m))
-    row = coef * loss
+        half_mean_gap = (logit_sum / cfg.num_classes) * 0.5 - m * 0.5
+        half_loss = half_loss + eps * (half_log_sum - half_mean_gap)
+    row = 2 * (coef * half_loss)
     if cfg.z_loss > 0.0:
         # coef first: lse**2 can pass the largest float where a mean's share of it does not.
         row = row + coef * cfg.z_loss * lse * lse

@@ -14,9 +14,10 @@ within rounding. Run it longer than the test suite does with::
 rows long enough for the block-by-block reductions.
 
 Left out by construction, as documented: a finite logit equal to the largest
-float beside a ``+inf`` (it counts as one), logits more than 3.4e38 apart, a
-masked logit as the integer label's own (read as given), and masked entries of
-a NaN row.
+float beside a ``+inf`` (it counts as one), a masked logit as the integer
+label's own (read as given), and masked entries of a NaN row. Logits more than
+the largest float apart (``+-3e38``) are drawn: their losses overflow only
+where the float64 limit is past float32's range.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jsoftmax
 from tests import reference as ref
 
 SPECIAL_VALUES = np.array(
-    [np.inf, -np.inf, np.nan, 1e30, -1e30, 1.5e38, -1.5e38, 0.0, 1e-30, 1e-40]
+    [np.inf, -np.inf, np.nan, 1e30, -1e30, 1.5e38, -1.5e38, 3e38, -3e38, 0.0, 1e-30, 1e-40]
 )
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Relative rounding of an output or gradient returned in each dtype (computed in float32).

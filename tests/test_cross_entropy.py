@@ -1148,6 +1148,101 @@ def test_label_smoothing_sums_huge_logit_gaps_without_overflow():
     assert ref.rel_err(soft_ce(jnp.asarray(logits), labels, label_smoothing=0.3), expected) < 1e-5
 
 
+# Logits 6e38 apart, past float32's range; the label weight brings each loss back in.
+FAR_APART = np.array([[3e38, -3e38, 0.0, 0.0], [1.0, 0.0, -1.0, 2.0]], np.float32)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"labels": [[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]},
+        {"labels": [1, 2], "class_weights": [1.0, 0.25, 1.0, 1.0]},
+        {"labels": [0, 2], "label_smoothing": 0.2},
+        {"labels": [0, 2], "label_smoothing": 0.2, "where": [[True] * 4, [True] * 3 + [False]]},
+        {"labels": [[0.0, 1.0, 0.0, 0.0]] * 2, "class_weights": [1.0, 0.5, 1.0, 1.0]},
+    ],
+    ids=["soft", "int_weights", "int_smoothing", "int_smoothing_mask", "soft_weights"],
+)
+def test_logits_more_than_the_largest_float_apart(backend_forms, options):
+    """``lse - z`` is 6e38 here, yet each loss, its gradients and a weighted mean are finite."""
+    labels = np.asarray(options["labels"])
+    integer = labels.ndim == 1
+    weights = options.get("class_weights")
+    smoothing = options.get("label_smoothing", 0.0)
+    mask = None if "where" not in options else np.asarray(options["where"])
+    logits64 = FAR_APART.astype(np.float64)
+    if mask is not None:
+        logits64 = np.where(mask, logits64, -np.inf)  # smoothing spreads over 3 classes there
+    target = np.eye(4)[labels] if integer else labels.astype(np.float64)
+    kept = np.ones((2, 4), bool) if mask is None else mask
+    target = np.where(kept, target * (1 - smoothing) + smoothing / kept.sum(-1, keepdims=True), 0)
+    class_weight = np.ones(4) if weights is None else np.asarray(weights, np.float64)
+    log_probs = special.log_softmax(logits64, axis=-1)
+    weighted = class_weight * target
+    with np.errstate(invalid="ignore"):  # 0 * -inf at the masked class: taken as 0
+        expected = -np.sum(np.where(weighted == 0, 0.0, weighted * log_probs), axis=-1)
+    expected_grad = special.softmax(logits64, axis=-1) * weighted.sum(-1, keepdims=True) - weighted
+    assert -log_probs[0, 1] > FLOAT32_MAX and np.all(np.abs(expected) < FLOAT32_MAX)
+
+    kwargs = {k: jnp.asarray(v) for k, v in options.items() if k in ("class_weights", "where")}
+    if smoothing:
+        kwargs["label_smoothing"] = smoothing
+    loss_fn = int_ce if integer else soft_ce
+    logits = jnp.asarray(FAR_APART)
+
+    def total(x, y):
+        return jnp.sum(loss_fn(x, y, **kwargs))
+
+    label_arg = jnp.asarray(labels if integer else labels.astype(np.float32))
+    value = jax.jit(lambda x, y: loss_fn(x, y, **kwargs))(logits, label_arg)
+    assert ref.rel_err(value, expected) < 1e-6
+    loss, grad = jax.value_and_grad(total)(logits, label_arg)
+    assert ref.rel_err(loss, expected.sum()) < 1e-6
+    assert ref.rel_err(grad, expected_grad) < 1e-6
+    if not integer:
+        # d loss / d y_c = -(1 - e) w_c log softmax_c: 0.1 * 6e38 for the far class.
+        label_grad = jax.grad(total, argnums=1)(logits, label_arg)
+        expected_label_grad = -(1 - smoothing) * class_weight * log_probs
+        finite = np.abs(expected_label_grad) < FLOAT32_MAX
+        assert ref.rel_err(np.asarray(label_grad)[finite], expected_label_grad[finite]) < 1e-6
+        np.testing.assert_array_equal(np.asarray(label_grad)[~finite], np.inf)
+
+
+@pytest.mark.parametrize(
+    "options", [{"class_weights": jnp.ones(4)}, {"z_loss": 1e-45}], ids=["weights", "z_loss"]
+)
+def test_mean_of_a_loss_past_the_largest_float(options):
+    """A loss of 4e38 in a mean of four: finite with class weights or a z-loss.
+
+    Either puts the mean's division inside the loss. The z-loss's own part,
+    1e-45 * (2e38)**2 / 4 = 1e31, is below the mean's rounding (its coefficient
+    divided by 4 is below float32's normal range, which XLA:CPU flushes to 0).
+    """
+    logits = np.zeros((4, 4), np.float32)
+    logits[0, :2] = [2e38, -2e38]
+    logits[1] = [1.0, 0.0, -1.0, 2.0]
+    labels = jnp.array([1, 2, 0, 0])
+    z_loss = options.get("z_loss", 0.0)
+    expected, _ = ref.cross_entropy_int(logits, labels, z_loss=z_loss)
+    assert expected[0] > FLOAT32_MAX and expected.mean() < FLOAT32_MAX
+    logits = jnp.asarray(logits)
+    onehot = jnp.eye(4)[labels]
+    mean, grad = jax.value_and_grad(lambda x: int_ce(x, labels, reduction="mean", **options))(
+        logits
+    )
+    assert ref.rel_err(mean, expected.mean()) < 1e-5
+    assert ref.rel_err(grad, ref.soft_grad(logits, onehot, z_loss=z_loss) / 4) < 1e-5
+    soft_mean, soft_grad = jax.value_and_grad(
+        lambda x: soft_ce(x, onehot, reduction="mean", **options)
+    )(logits)
+    assert ref.rel_err(soft_mean, expected.mean()) < 1e-5
+    assert ref.rel_err(soft_grad, ref.soft_grad(logits, onehot, z_loss=z_loss) / 4) < 1e-5
+    assert ref.rel_err(soft_ce(logits, onehot, reduction="mean", **options), expected.mean()) < 1e-5
+    # Without either the mean divides losses already computed: inf (documented).
+    assert int_ce(logits, labels, reduction="mean") == np.inf
+
+
 def test_plus_inf_logit_limits_for_labels_on_finite_classes(backend_forms):
     # A +inf logit takes all the probability: a finite class has log-probability -inf.
     logits = jnp.array([[jnp.inf, 0.0, 1.0]])

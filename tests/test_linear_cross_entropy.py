@@ -317,6 +317,36 @@ def test_mean_z_loss_is_finite_when_only_one_rows_square_overflows(backend_forms
     assert ref.rel_err(dx, dx64) < TOL and ref.rel_err(dw, dw64) < TOL
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"reduction": "mean"}, {"reduction": "none", "label_smoothing": 0.2}],
+    ids=["mean", "smoothing"],
+)
+def test_logits_more_than_the_largest_float_apart(backend_forms, options):
+    """Logits 6e38 apart: a mean of four, or a smoothed loss, is still finite, as are the gradients.
+
+    The first row's loss is 6e38 for its label (class 1): past float32's range,
+    its mean over four examples is not. With label smoothing and class 0 as the
+    label, it is 0.2 / 4 * (2 * 6e38 + 3e38) = 7.5e37, though the mean logit minus
+    the largest, -3.75e38, overflows.
+    """
+    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    w = jnp.array([[3e38, -3e38, -3e38, 0.0], [1.0, 0.0, -1.0, 2.0]])
+    labels = jnp.array([0 if "label_smoothing" in options else 1, 2, 0, 3])
+    cotangent = None if options["reduction"] == "mean" else jnp.array([1.0, 0.5, -1.0, 2.0])
+
+    def loss(x, w):
+        value = fused(x, w, labels, chunk_size=2, **options)
+        return value if cotangent is None else jnp.sum(value * cotangent)
+
+    value64, dx64, dw64, _ = ref.linear_cross_entropy(x, w, labels, cotangent=cotangent, **options)
+    assert np.all(np.abs(value64) < np.finfo(np.float32).max)
+    value = fused(x, w, labels, chunk_size=2, **options)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert ref.rel_err(value, value64) < TOL
+    assert ref.rel_err(dx, dx64) < TOL and ref.rel_err(dw, dw64) < TOL
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_gradient_is_exact_at_a_large_common_logit_level(reduction):
     """Probabilities come from ``z - max`` and the log-sum, kept apart: ``z - lse`` would
