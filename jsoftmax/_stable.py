@@ -533,11 +533,6 @@ def scaled_probabilities(
     return masked_to_zero(jnp.exp(jnp.minimum(x + neg_shift, exponent_cap)) * factor, mask)
 
 
-def half_shifted_again(x: jax.Array, m: jax.Array) -> jax.Array:
-    """``half_shifted(x, m)`` for backward passes, unmasked, written so XLA keeps it apart."""
-    return jnp.minimum(x * 0.5 + shift_of(m) * -0.5, 0) * _stretch(m)
-
-
 def masked_to_zero(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return values
