@@ -175,16 +175,14 @@ def _label_half_shifted(label_logit, m):
     return jnp.where(finite_under_inf, jnp.full_like(difference, -jnp.inf), difference)
 
 
-def _z_coefficient(config, loss_scale=None):
-    """``z_loss``, times ``loss_scale`` where the mean is taken inside the loss."""
-    return config.z_loss if loss_scale is None else config.z_loss * loss_scale
-
-
 def _z_term(config, lse, loss_scale=None):
-    """``z_loss * lse**2``, the scale applied before the square can overflow."""
+    """``z_loss * lse**2``, times ``loss_scale`` where the mean is taken inside the loss.
+
+    The scale is applied before the square can overflow.
+    """
     if not config.z_loss:
         return 0.0
-    return _z_coefficient(config, loss_scale) * lse * lse
+    return _stable.z_loss_term(config.z_loss, lse, loss_scale)
 
 
 def _scaled_softmax(x, logit_mask, m, log_s, g, scale, config):
@@ -475,7 +473,7 @@ def _soft_bwd(config, residuals, g):
     if scales.row is not None:
         scale = scale * scales.row
     if config.z_loss:
-        scale = scale + 2 * _z_coefficient(config, scales.z) * _finite_logsumexp(m, log_s)
+        scale = scale + _stable.z_loss_slope(config.z_loss, _finite_logsumexp(m, log_s), scales.z)
     x = logits.astype(dtype)
     d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config)
     d_logits = d_logits - g_cross_entropy * coefficient
@@ -736,7 +734,7 @@ def _integer_bwd(config, residuals, g):
         share, class_weight, weight_total = smoothing
         scale = scale + share * weight_total
     if config.z_loss:
-        scale = scale + 2 * _z_coefficient(config, loss_scale) * _finite_logsumexp(m, log_s)
+        scale = scale + _stable.z_loss_slope(config.z_loss, _finite_logsumexp(m, log_s), loss_scale)
     d_logits = _scaled_softmax(x, logit_mask, m, log_s, g, scale, config)
     if smoothing is not None:
         d_logits = d_logits - g * share * class_weight

@@ -287,7 +287,7 @@ def _row_loss(cfg: _Config, z, z_y, logit_sum, coef, want_probs: bool = False):
     row = 2 * (coef * half_loss)
     if cfg.z_loss > 0.0:
         # coef first: lse**2 can pass the largest float where a mean's share of it does not.
-        row = row + coef * cfg.z_loss * lse * lse
+        row = row + _stable.z_loss_term(cfg.z_loss, lse, coef)
     row = jnp.where(coef != 0, row, jnp.zeros((), row.dtype))
     return row, (m, log_sum), probs
 
@@ -308,7 +308,7 @@ def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
     p = probs
     if cfg.z_loss > 0.0:
         m, log_sum = stats
-        p = p * (1.0 + 2.0 * cfg.z_loss * (m + log_sum))[:, None]
+        p = p * (1.0 + _stable.z_loss_slope(cfg.z_loss, m + log_sum))[:, None]
     eps = cfg.label_smoothing
     local_y = y_c - _first_class(cfg, p.shape[1])
     onehot = lax.broadcasted_iota(jnp.int32, p.shape, 1) == local_y[:, None]

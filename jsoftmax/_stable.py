@@ -494,6 +494,30 @@ def logsumexp_from_stats(m: jax.Array, log_s: jax.Array) -> jax.Array:
     return jnp.where(row_is_inf, jnp.full_like(total, jnp.inf), total)
 
 
+def z_loss_term(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """``z_loss * lse**2``, times ``scale`` if given, never through a subnormal factor.
+
+    XLA:CPU flushes subnormal floats to 0, so a tiny ``z_loss`` (or ``z_loss``
+    times a mean's ``1 / N``) would drop the term where ``lse**2``, up to 1e77,
+    makes it count. As ``(r lse) * (scale * r lse)`` with ``r = sqrt(z_loss)``
+    each factor underflows only where the term is negligible.
+    """
+    rooted = math.sqrt(z_loss) * lse
+    return rooted * (rooted if scale is None else scale * rooted)
+
+
+def z_loss_slope(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """``2 z_loss lse``, times ``scale`` if given: ``z_loss_term``'s derivative."""
+    if scale is not None:
+        lse = scale * lse
+    if 2 * z_loss >= jnp.finfo(lse.dtype).tiny:
+        return (2 * z_loss) * lse
+    # XLA folds constant factors into one, here subnormal: the sum keeps them apart.
+    root = math.sqrt(z_loss)
+    rooted = root * lse
+    return (rooted + rooted) * root
+
+
 def scaled_probabilities(
     x: jax.Array,
     mask: jax.Array | None,

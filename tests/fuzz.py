@@ -198,9 +198,9 @@ class LossOptions:
 
 def _draw_options(rng: np.random.Generator, num_classes: int) -> LossOptions:
     weights = rng.uniform(0.5, 2.0, num_classes) if rng.random() < 0.5 else None
-    return LossOptions(
-        float(rng.choice([0.0, 0.1])), float(rng.choice([0.0, 1e-3])), weights, rng.random() < 0.5
-    )
+    # 1e-40 is below float32's normal range: it counts only next to logits near 1e38.
+    z_loss = float(rng.choice([0.0, 1e-3, 1e-40]))
+    return LossOptions(float(rng.choice([0.0, 0.1])), z_loss, weights, rng.random() < 0.5)
 
 
 def _smoothing_share(options: LossOptions, mask: np.ndarray) -> np.ndarray:

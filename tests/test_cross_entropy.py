@@ -269,6 +269,40 @@ def test_z_loss_is_finite_where_only_the_logsumexp_square_overflows(backend_form
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("z_loss", [1e-38, 1e-40, 1e-44])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+def test_a_tiny_z_loss_counts_where_the_logsumexp_is_huge(
+    backend_forms, integer, reduction, z_loss
+):
+    """A ``z_loss`` (or its share of a mean of four) below float32's normal range, times 1e76.
+
+    XLA:CPU flushes subnormal floats to 0: a coefficient formed on its own
+    dropped the term (a mean of 1.0e38 with ``z_loss=1e-38`` where float64 gives 1.25e38).
+    """
+    logits = np.array([[1e38, -1e38], [-1e38, 1e38], [1.0, 0.0], [1e38, -1e38]], np.float32)
+    labels = np.array([1, 1, 0, 0])
+    onehot = np.eye(2, dtype=np.float32)[labels]
+    expected = ref.cross_entropy_soft(logits, onehot, z_loss=z_loss)
+    expected_grad = ref.soft_grad(logits, onehot, z_loss=z_loss)
+    if reduction == "mean":
+        expected, expected_grad = expected.mean(), expected_grad / 4
+    assert np.all(np.abs(expected) < FLOAT32_MAX)
+
+    def loss_fn(x):
+        if integer:
+            return int_ce(x, labels, z_loss=z_loss, reduction=reduction)
+        return soft_ce(x, onehot, z_loss=z_loss, reduction=reduction)
+
+    logits = jnp.asarray(logits)
+    grad = jax.grad(lambda x: jnp.sum(loss_fn(x)))(logits)
+    # Elementwise: the z-term of 1e32 in the second row is all of its loss. The
+    # gradient's is 2e-6 there at 1e-44, below the rounding of softmax * scale - 1.
+    np.testing.assert_allclose(loss_fn(logits), expected, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(loss_fn)(logits), expected, rtol=1e-5)
+    assert ref.rel_err(grad, expected_grad) < 1e-5
+
+
 @pytest.mark.parametrize("z_loss", [1e-4, 0.1])
 @pytest.mark.parametrize("integer", [False, True])
 def test_z_loss_adds_squared_logsumexp_and_its_gradient(z_loss, integer, rng):
@@ -1222,8 +1256,7 @@ def test_mean_of_a_loss_past_the_largest_float(options):
     """A loss of 4e38 in a mean of four: finite with class weights or a z-loss.
 
     Either puts the mean's division inside the loss. The z-loss's own part,
-    1e-45 * (2e38)**2 / 4 = 1e31, is below the mean's rounding (its coefficient
-    divided by 4 is below float32's normal range, which XLA:CPU flushes to 0).
+    1e-45 * (2e38)**2 / 4 = 1e31, is below the mean's rounding.
     """
     logits = np.zeros((4, 4), np.float32)
     logits[0, :2] = [2e38, -2e38]

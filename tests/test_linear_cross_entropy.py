@@ -347,6 +347,35 @@ def test_logits_more_than_the_largest_float_apart(backend_forms, options):
     assert ref.rel_err(dx, dx64) < TOL and ref.rel_err(dw, dw64) < TOL
 
 
+@pytest.mark.parametrize("z_loss", [1e-38, 1e-40, 1e-44])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_a_tiny_z_loss_counts_where_the_logsumexp_is_huge(backend_forms, reduction, z_loss):
+    """A ``z_loss`` (or its share of a mean of four) below float32's normal range, times 1e74.
+
+    XLA:CPU flushes subnormal floats to 0: formed on its own, the coefficient
+    dropped the term, and ``2 z_loss lse`` its gradient. (Logits of 1e37, not
+    1e38 as in the unfused test: ``dx`` sums several of them.)
+    """
+    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    w = jnp.array([[1e37, -1e37], [1.0, 0.0]])
+    labels = jnp.array([1, 0, 0, 1])
+    cotangent = None if reduction == "mean" else jnp.ones(4)
+
+    def loss(x, w):
+        value = fused(x, w, labels, chunk_size=2, z_loss=z_loss, reduction=reduction)
+        return value if cotangent is None else jnp.sum(value * cotangent)
+
+    options = dict(z_loss=z_loss, reduction=reduction, cotangent=cotangent)
+    value64, dx64, dw64, _ = ref.linear_cross_entropy(x, w, labels, **options)
+    assert np.all(np.abs(value64) < np.finfo(np.float32).max)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    # Elementwise: the z-term of 1e30 in the third row is all of its loss.
+    np.testing.assert_allclose(
+        fused(x, w, labels, z_loss=z_loss, reduction=reduction), value64, rtol=TOL
+    )
+    assert ref.rel_err(dw, dw64) < TOL and ref.rel_err(dx, dx64) < TOL
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_gradient_is_exact_at_a_large_common_logit_level(reduction):
     """Probabilities come from ``z - max`` and the log-sum, kept apart: ``z - lse`` would
