@@ -597,6 +597,19 @@ def _fused_bwd(cfg: _Config, res, g):
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
+def _fused_anywhere(cfg: _Config, x, w, b, y, coef):
+    """``_fused``, also called eagerly inside a user's ``shard_map``.
+
+    There a ``custom_vjp`` with symbolic zeros raises ``NotImplementedError``
+    (jax 0.10); under ``jit`` it is traced as anywhere else. Not jitted
+    always: a nested ``jit`` changes the compiled programs around it.
+    """
+    try:
+        return _fused(cfg, x, w, b, y, coef)
+    except NotImplementedError:
+        return jax.jit(_fused, static_argnums=0)(cfg, x, w, b, y, coef)
+
+
 def _check_softcap(logit_softcap: float | None) -> float | None:
     if logit_softcap is None:
         return None
@@ -973,7 +986,7 @@ def linear_softmax_cross_entropy(
     if padded:
         x, y, coef = _padded_to_whole_chunks(chunk, x, y, coef)
     if layout is None:
-        out = _fused(cfg, x, w, b, y, coef)
+        out = _fused_anywhere(cfg, x, w, b, y, coef)
     else:
         out = _fused_on_mesh(cfg, layout, x, w, b, y, coef)
     if reduction == "none":

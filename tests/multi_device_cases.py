@@ -392,7 +392,26 @@ def outside_jit_cases(mesh, data):
         with jax.set_mesh(mesh):
             return check()
 
+    def summed_in_shard_map(x, w, b, y):
+        whole = P()
+        total = jax.shard_map(
+            lambda *a: jax.lax.psum(fused(*a), "rows"),
+            in_specs=(ROWS, whole, whole, ROWS),
+            out_specs=whole,
+        )
+        return total(x, w, b, y)
+
+    def gradient_in_shard_map():
+        value, grads = jax.value_and_grad(summed_in_shard_map, argnums=(0, 1, 2))(x, w, b, y)
+        return errors(value, expected, grads, expected_grads)
+
     return {
+        "fused, eager inside shard_map": lambda: in_mesh_context(
+            lambda: errors(summed_in_shard_map(x, w, b, y), expected)
+        ),
+        "fused, eager value_and_grad inside shard_map": lambda: in_mesh_context(
+            gradient_in_shard_map
+        ),
         "fused, eager value_and_grad": lambda: in_mesh_context(lambda: fused_gradient(lambda f: f)),
         "fused, eager": lambda: in_mesh_context(lambda: errors(fused(x, w, b, y), expected)),
         "fused, eager, no mesh context": lambda: errors(fused(x, w, b, y), expected),

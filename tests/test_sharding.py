@@ -253,12 +253,15 @@ def test_fused_loss_float16_gradients_are_rounded_once(split_results, split):
         "fused, eager value_and_grad",
         "fused, eager",
         "fused, eager, no mesh context",
+        "fused, eager inside shard_map",
+        "fused, eager value_and_grad inside shard_map",
         "fused, jit, no mesh context",
         "integer labels, jit, no mesh context",
     ],
 )
 def test_split_rows_outside_jit_or_without_a_mesh_context(split_results, name):
-    """Called eagerly (inside ``jax.set_mesh`` or not), or jitted without a mesh context."""
+    """Called eagerly (inside ``jax.set_mesh`` or not, or inside a ``shard_map``), or jitted
+    without a mesh context."""
     assert_matches_float64(split_results[name])
 
 
