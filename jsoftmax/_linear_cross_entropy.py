@@ -606,7 +606,9 @@ def _fused_anywhere(cfg: _Config, x, w, b, y, coef):
     """
     try:
         return _fused(cfg, x, w, b, y, coef)
-    except NotImplementedError:
+    except NotImplementedError as error:
+        if "symbolic_zeros" not in str(error):
+            raise
         return jax.jit(_fused, static_argnums=0)(cfg, x, w, b, y, coef)
 
 
