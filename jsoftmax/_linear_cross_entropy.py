@@ -219,39 +219,45 @@ def _label_logit(cfg: _Config, x_c, w, b, y_c, acc):
     return z_y
 
 
-def _smoothing_sums(cfg: _Config, w, b, acc):
-    """What the label-smoothing term needs once per call: ``sum_c w[:, c]``, ``sum_c b[c]``.
+def _smoothing_means(cfg: _Config, w, b, acc):
+    """What the label-smoothing term needs once per call: ``mean_c w[:, c]``, ``mean_c b[c]``.
 
     Without a soft-cap the mean logit of a row is linear in ``x``:
-    ``mean_c z_c = (x . sum_c w[:, c] + sum_c b_c) / C``, a matrix-vector product
-    instead of another pass over the tile. None when there is nothing to precompute.
+    ``mean_c z_c = x . mean_c w[:, c] + mean_c b_c``, a matrix-vector product
+    instead of another pass over the tile. Each term is divided by ``C`` before
+    the sum, which would overflow first for weights near the largest float.
+    None when there is nothing to precompute.
     """
     if cfg.label_smoothing == 0.0 or cfg.softcap is not None:
         return None
-    w_sum = jnp.sum(w, axis=1, dtype=acc)
-    b_sum = jnp.zeros((), acc) if b is None else jnp.sum(b, dtype=acc)
-    return w_sum, b_sum
+    share = 1.0 / cfg.num_classes
+    w_mean = jnp.sum(w.astype(acc) * share, axis=1)
+    b_mean = jnp.zeros((), acc) if b is None else jnp.sum(b.astype(acc) * share)
+    return w_mean, b_mean
 
 
-def _logit_sum(cfg: _Config, z, x_c, sums, acc):
-    """Per-row sum of the (soft-capped) logits, for label smoothing; None without it.
+def _logit_mean(cfg: _Config, z, x_c, means, acc):
+    """Per-row mean of the (soft-capped) logits, for label smoothing; None without it.
 
-    With split classes, the sum over this device's classes.
+    With split classes, this device's classes' part of it.
     """
     if cfg.label_smoothing == 0.0:
         return None
-    if sums is None:  # soft-capped: not linear in x, read it off the tile
-        return jnp.sum(z, axis=1)
-    w_sum, b_sum = sums
-    return _dot(x_c.astype(acc), w_sum, 1, 0, acc) + b_sum
+    if means is None:  # soft-capped: not linear in x, read it off the tile
+        return jnp.sum(z * (1.0 / cfg.num_classes), axis=1)
+    w_mean, b_mean = means
+    return _dot(x_c.astype(acc), w_mean, 1, 0, acc) + b_mean
 
 
-def _row_loss(cfg: _Config, z, z_y, logit_sum, coef, want_probs: bool = False):
+def _row_loss(cfg: _Config, z, z_y, logit_mean, coef, want_probs: bool = False):
     """Per-row weighted loss ``coef_i * loss_i`` and statistics (maximum, log-sum) of a logit tile.
 
-    ``z_y`` is the raw label logit and ``logit_sum`` the sum of the row's logits
-    (None without label smoothing); with split classes, of this device's classes.
-    Rows with ``coef_i == 0`` give an exact 0.
+    ``z_y`` is the raw label logit and ``logit_mean`` the mean of the row's logits
+    (None without label smoothing); with split classes, this device's part.
+    Rows with ``coef_i == 0`` give an exact 0, and so do rows with no
+    probability (every logit ``-inf``). ``+inf`` logits share the probability, as
+    in the unfused losses: the maximum is clamped to the largest float for the
+    shift, and a finite label logit in their row has log-probability ``-inf``.
 
     With ``want_probs`` also returns the softmax of the tile. Without a soft-cap
     it is made from the same ``exp`` as the sum, in place of the tile (which is
@@ -262,53 +268,66 @@ def _row_loss(cfg: _Config, z, z_y, logit_sum, coef, want_probs: bool = False):
     (Every tile-sized value here has a single consumer after the reductions, so
     XLA updates the one tile in place instead of keeping a second one.)
     """
-    (m,) = _over_classes(cfg, lax.pmax, jnp.max(z, axis=1))
+    (m,) = _over_classes(cfg, lax.pmax, _row_max(z))
     eps = cfg.label_smoothing
-    e = jnp.exp(z - m[:, None])
-    shifted_sum, z_y, logit_sum = _over_classes(cfg, lax.psum, jnp.sum(e, axis=1), z_y, logit_sum)
+    e = jnp.exp(_stable._clamped(z) - _stable.shift_of(m)[:, None])
+    shifted_sum, z_y, logit_mean = _over_classes(cfg, lax.psum, jnp.sum(e, axis=1), z_y, logit_mean)
     z_y = _capped(cfg, z_y)
     if cfg.num_classes == 1:
         z_y = m  # the one class's logit, exactly: its cross-entropy is 0, not an ulp of it
     probs = None
     if want_probs and cfg.softcap is None:
-        probs = e * (1.0 / shifted_sum)[:, None]
+        probs = e * (1.0 / _stable._at_least_one(shifted_sum))[:, None]
     log_sum = jnp.log(shifted_sum)
-    lse = m + log_sum
+    lse = _stable.logsumexp_from_stats(m, log_sum)
     if want_probs and probs is None:
         probs = _probabilities(z, m, log_sum)
     # In halves, doubled once coef is in: logits more than the largest float
     # apart overflow only where the row's loss does. z_y <= m, but computed
     # apart it can exceed m by an ulp: never a negative loss.
-    half_log_sum = log_sum * 0.5
-    half_loss = (1.0 - eps) * (half_log_sum - jnp.minimum(z_y * 0.5 - m * 0.5, 0.0))
+    half_log_sum = _stable.safe_log_s(log_sum) * 0.5
+    half_loss = (1.0 - eps) * (half_log_sum - _stable.half_shifted(z_y, m))
     if eps > 0.0:
-        half_mean_gap = (logit_sum / cfg.num_classes) * 0.5 - m * 0.5
+        half_mean_gap = logit_mean * 0.5 + _stable.shift_of(m) * -0.5
+        # Under a +inf logit every other class has log-probability -inf.
+        others = jnp.where(shifted_sum < cfg.num_classes, -jnp.inf, 0.0).astype(lse.dtype)
+        half_mean_gap = jnp.where(m == jnp.inf, others, half_mean_gap)
         half_loss = half_loss + eps * (half_log_sum - half_mean_gap)
     row = 2 * (coef * half_loss)
     if cfg.z_loss > 0.0:
         # coef first: lse**2 can pass the largest float where a mean's share of it does not.
         row = row + _stable.z_loss_term(cfg.z_loss, lse, coef)
-    row = jnp.where(coef != 0, row, jnp.zeros((), row.dtype))
+    row = jnp.where((coef != 0) & _stable.nonempty(log_sum), row, jnp.zeros((), row.dtype))
     return row, (m, log_sum), probs
+
+
+def _row_max(z):
+    """Each row's maximum, at least the most negative float: a row of ``-inf`` is then empty."""
+    return jnp.maximum(jnp.max(z, axis=1), -_stable._largest(z.dtype))
 
 
 def _probabilities(z, m, log_sum):
     """The softmax of a tile from its row statistics; ``z - m`` is exact, ``z - lse`` is not."""
-    return jnp.exp((z - m[:, None]) - log_sum[:, None])
+    shifted = _stable._clamped(z) - _stable.shift_of(m)[:, None]
+    return jnp.exp(shifted - _stable.safe_log_s(log_sum)[:, None])
 
 
 def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
     """The gradient of ``sum_i coef_i * loss_i`` w.r.t. the raw logits of one chunk.
 
     ``z`` (the soft-capped logits) is used only for the soft-cap's derivative,
-    ``stats`` (each row's max and log-sum) only for the z-loss's.
-    ``coef_i == 0`` rows get an exact 0 (even if their logits are not finite).
+    ``stats`` (each row's max and log-sum) for the z-loss's and to find rows with
+    no probability. Those and ``coef_i == 0`` rows get an exact 0 (even if their
+    logits are not finite).
     """
     num_classes = cfg.num_classes
     p = probs
+    m, log_sum = stats
     if cfg.z_loss > 0.0:
-        m, log_sum = stats
-        p = p * (1.0 + _stable.z_loss_slope(cfg.z_loss, m + log_sum))[:, None]
+        lse = _stable.logsumexp_from_stats(m, log_sum)
+        scaled = p * (1.0 + _stable.z_loss_slope(cfg.z_loss, lse))[:, None]
+        # Under a +inf logit the slope is inf: the other classes' gradient stays 0.
+        p = jnp.where(p == 0, p, scaled)
     eps = cfg.label_smoothing
     local_y = y_c - _first_class(cfg, p.shape[1])
     onehot = lax.broadcasted_iota(jnp.int32, p.shape, 1) == local_y[:, None]
@@ -319,7 +338,8 @@ def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
         # (z / s would be rounded below 1), and no cancellation near it.
         cap = cfg.softcap
         g = g * ((cap - jnp.abs(z)) * (cap + jnp.abs(z)) * (1.0 / (cap * cap)))
-    return jnp.where((coef != 0)[:, None], g, jnp.zeros((), p.dtype))
+    taking_part = (coef != 0) & _stable.nonempty(log_sum)
+    return jnp.where(taking_part[:, None], g, jnp.zeros((), p.dtype))
 
 
 def _tile_scale(coef_c):
@@ -423,7 +443,7 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
     n = x.shape[0]
     acc = _acc_dtype(coef)
     chunk = cfg.chunk
-    sums = _smoothing_sums(cfg, w, b, acc)
+    means = _smoothing_means(cfg, w, b, acc)
 
     def body(i, carry):
         rows, maxima, log_sums = carry
@@ -432,9 +452,9 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         y_c = lax.dynamic_slice_in_dim(y, start, chunk)
         coef_c = lax.dynamic_slice_in_dim(coef, start, chunk)
         z = _logit_tile(cfg, x_c, w, b, acc)
-        logit_sum = _logit_sum(cfg, z, x_c, sums, acc)
+        logit_mean = _logit_mean(cfg, z, x_c, means, acc)
         z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-        row, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_sum, coef_c)
+        row, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_mean, coef_c)
         rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
         maxima = lax.dynamic_update_slice_in_dim(maxima, m, start, 0)
         log_sums = lax.dynamic_update_slice_in_dim(log_sums, log_sum, start, 0)
@@ -459,7 +479,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
     chunk, block = cfg.chunk, cfg.block
     n_blocks = -(-columns // block)
     want_loss = stats_saved is None
-    sums = _smoothing_sums(cfg, w, b, acc) if want_loss else None
+    means = _smoothing_means(cfg, w, b, acc) if want_loss else None
 
     def dw_update(dw, x_c, g, g_scale):
         def inner(k, dw):
@@ -494,9 +514,9 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
             coef_c = jnp.where(fresh, coef_c, jnp.zeros((), acc))
         z = _logit_tile(cfg, x_c, w, b, acc)
         if want_loss:
-            logit_sum = _logit_sum(cfg, z, x_c, sums, acc)
+            logit_mean = _logit_mean(cfg, z, x_c, means, acc)
             z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
-            row, stats, probs = _row_loss(cfg, z, z_y, logit_sum, coef_c, want_probs=True)
+            row, stats, probs = _row_loss(cfg, z, z_y, logit_mean, coef_c, want_probs=True)
             if fresh is not None:
                 row = jnp.where(fresh, row, lax.dynamic_slice_in_dim(rows, start, chunk))
             rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
@@ -875,9 +895,12 @@ def linear_softmax_cross_entropy(
       block of classes there would give each block's own softmax); the
       gradients of inputs the same on every device (``w`` and ``b``, say) are
       summed over the devices, as JAX's autodiff does.
-      There, call it under ``jit`` (as training steps are): the value alone run
-      eagerly inside ``shard_map`` raises JAX's NotImplementedError for a
-      ``custom_vjp`` with symbolic zeros.
+
+      The logits take their limits as in the unfused losses: ``+inf`` logits
+      (from an infinite bias, say) share the probability, a row whose logits
+      are all ``-inf`` has loss 0 and gradient 0, and a NaN makes its row's
+      loss NaN. Infinite entries of ``x`` or ``w`` reach the other rows and
+      classes as NaN through the matmuls' ``0 * inf``, as in ``x @ w`` itself.
 
       This is a ``jax.custom_vjp``: ``jax.grad``/``jax.vjp`` use the closed-form
       gradients; forward mode (``jax.jvp``, ``jax.jacfwd``) raises. For a scalar

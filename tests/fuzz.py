@@ -5,7 +5,11 @@ NaN, huge and tiny ones, rows of only ``-inf``, a random mask, float32, bfloat16
 or float16, and random options (label smoothing, class weights, z-loss,
 ``ignore_index``), and checks all five functions' values and logit gradients:
 NaN exactly where the reference has it, the same infinities, finite values
-within rounding. Run it longer than the test suite does with::
+within rounding. The fused ``linear_softmax_cross_entropy`` is checked on
+``x = I``, ``w`` the logits made finite and infinities or NaN in ``b`` (in
+``w`` they would reach every row through ``0 * inf``), with a soft-cap, any
+reduction and a random chunk size: its value and ``dx``, ``dw``, ``db``.
+Run it longer than the test suite does with::
 
     python -m tests.fuzz --seed 0 --cases 300 --forms cpu
 
@@ -71,17 +75,20 @@ def _representable(values: np.ndarray, dtype) -> np.ndarray:
     )
 
 
-def mismatches(actual, expected, rtol: float, atol: float = 0.0) -> np.ndarray:
+def mismatches(
+    actual, expected, rtol: float, atol: float = 0.0, largest: float = FLOAT32_MAX
+) -> np.ndarray:
     """Where ``actual`` differs from ``expected``: NaN-ness, infinities, or beyond the tolerance.
 
-    The expected values are first taken to float32's range (beyond it, ``inf``
-    is right). The tolerance is relative to each entry (1-D) or to its row's
-    largest finite value (2-D), plus ``atol``.
+    The expected values are first taken to the range of ``actual``'s dtype,
+    float32's by default (beyond it, ``inf`` is right). The tolerance is
+    relative to each entry (1-D) or to its row's largest finite value (2-D),
+    plus ``atol``.
     """
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     with np.errstate(invalid="ignore"):
-        expected = np.where(np.abs(expected) > FLOAT32_MAX, np.sign(expected) * np.inf, expected)
+        expected = np.where(np.abs(expected) > largest, np.sign(expected) * np.inf, expected)
     finite = np.isfinite(expected)
     scale = np.abs(np.where(finite, expected, 0.0))
     if expected.ndim == 2:
@@ -287,12 +294,122 @@ def check_integer_labels(case: Case, rng: np.random.Generator) -> list[str]:
     return _check_loss("integer labels", case, mask, target, options, loss_fn, rng, ignored)
 
 
+def _fused_problem(case: Case, rng: np.random.Generator):
+    """``x = I``, ``w`` the case's logits made finite and ``b`` per class, so ``x @ w + b``
+    is exact: infinities and NaN come only from ``b`` (in ``w`` they would reach every
+    row through the matmul's ``0 * inf``)."""
+    n, c = case.logits.shape
+    finite = np.isfinite(case.logits)
+    w = np.where(finite, case.logits, rng.choice([3e38, -3e38, 1e30, 0.0], (n, c)))
+    # XLA:CPU reads subnormal floats as 0 (a 1e-40 in w would reach dx so).
+    w = np.where(np.abs(w) < np.finfo(np.float32).tiny, 0.0, w)
+    # No huge finite b: w + b past float32's range is inf in the tile, but the smoothing
+    # term's mean logit, taken from means of w and b, is the float64 value.
+    b = np.where(rng.random(c) < 0.2, rng.choice([np.inf, -np.inf, np.nan, 1e30, -1e30], c), 0.0)
+    return np.eye(n), _representable(w, case.dtype), _representable(b, case.dtype)
+
+
+def check_fused(case: Case, rng: np.random.Generator) -> list[str]:
+    """``linear_softmax_cross_entropy`` against the limits of its logits' loss, in float64."""
+    n, c = case.logits.shape
+    x, w, b = _fused_problem(case, rng)
+    softcap = float(rng.choice([2.0, 30.0])) if rng.random() < 0.3 else None
+    with np.errstate(over="ignore", invalid="ignore"):
+        raw = (x @ w + b).astype(np.float32).astype(np.float64)  # the tile's one rounding
+    z = raw if softcap is None else softcap * np.tanh(raw / softcap)
+    smoothing, z_loss = float(rng.choice([0.0, 0.1])), float(rng.choice([0.0, 1e-3, 1e-40]))
+    labels = rng.integers(0, c, n)
+    ignored = rng.random(n) < 0.2
+    example_mask = rng.random(n) < 0.8
+    reduction = str(rng.choice(["none", "sum", "mean"]))
+    target = (1 - smoothing) * np.eye(c)[labels] + smoothing / c
+    loss, grad = ref.cross_entropy_limit(z, target, np.ones((n, c), bool), z_loss)
+    # The size of the terms of p * (sum(target) + 2 z lse) - target, which cancel.
+    size = np.abs(grad) + 2 * target
+    if softcap is not None:
+        with np.errstate(invalid="ignore"):
+            derivative = 1 - np.tanh(raw / softcap) ** 2  # 0 where raw is infinite
+        # Computed in float32 from the rounded capped logit, the derivative is off by a
+        # few ulps of 1 near saturation: an absolute 5e-7, whatever its size.
+        slack = 5e-7 / (8 * ROUNDING[case.dtype])
+        grad, size = grad * derivative, size * (derivative + slack)
+    active = example_mask & ~ignored
+    loss, grad = np.where(active, loss, 0.0), np.where(active[:, None], grad, 0.0)
+    options = dict(label_smoothing=smoothing, z_loss=z_loss, logit_softcap=softcap)
+    label = f"fused {np.dtype(case.dtype).name} {reduction} {options}"
+    context = dict(logits=z, labels=labels[:, None])
+
+    def fused(x, w, b, where):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x,
+            w,
+            jnp.asarray(np.where(ignored, -100, labels), jnp.int32),
+            b,
+            where=where,
+            ignore_index=-100,
+            reduction=reduction,
+            chunk_size=int(rng.integers(1, n + 1)),
+            **options,
+        )
+
+    args = [jnp.asarray(v, jnp.float32).astype(case.dtype) for v in (x, w, b)]
+    value = _as64(fused(*args, jnp.asarray(example_mask)))
+    expected = loss if reduction == "none" else ref.reduce(loss, reduction, np.sum(active))
+    found = _first_mismatch(
+        f"{label} loss",
+        np.atleast_1d(mismatches(value, expected, 2e-5, 1e-6)),
+        np.atleast_1d(value),
+        np.atleast_1d(expected),
+        **({} if reduction != "none" else context),
+    )
+    # Gradients: rows the reference leaves open (NaN: a NaN logit, +inf with a z-loss)
+    # are masked out, as they would poison every entry of dx, dw, db through the matmuls.
+    open_rows = np.any(np.isnan(grad), -1)
+    kept = active & ~open_rows
+    grad, size = np.where(kept[:, None], grad, 0.0), np.where(kept[:, None], size, 0.0)
+    cotangent = rng.standard_normal(n) if reduction == "none" else rng.standard_normal()
+    row_scale = cotangent * (1 / max(np.sum(kept), 1) if reduction == "mean" else 1.0)
+    row_scale = np.reshape(row_scale, (-1, 1))
+    g, g_size = row_scale * grad, np.abs(row_scale) * size
+    # float32 flushes what falls below its normal range (also on its way to dx through
+    # w); float16 rounds gradients below its own to its subnormals.
+    flushed = 4 * np.finfo(np.float32).tiny * max(1.0, float(np.max(np.abs(cotangent))))
+    flushed = max(flushed, float(jnp.finfo(case.dtype).smallest_subnormal))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = {"dx": g @ w.T, "dw": x.T @ g, "db": g.sum(0)}
+        bounds = {"dx": g_size @ np.abs(w).T, "dw": g_size, "db": g_size.sum(0)}
+        floors = {"dx": flushed * np.abs(w).sum(1) + flushed, "dw": flushed, "db": flushed * n}
+    where = jnp.asarray(example_mask & ~open_rows)
+    _, vjp = jax.vjp(lambda *a: fused(*a, where), *args)
+    got = dict(zip(want, (_as64(t) for t in vjp(jnp.asarray(cotangent, jnp.float32))), strict=True))
+    rounding, largest = ROUNDING[case.dtype], float(jnp.finfo(case.dtype).max)
+    # The float32 matmuls' own size: a scalar loss's gradients are computed for a
+    # cotangent of 1, and 16-bit tiles are weighted relative to their largest
+    # weight (each row's, for a mean), then scaled back.
+    if case.dtype != jnp.float32 or reduction == "sum":
+        unit_size = size
+    else:
+        unit_size = g_size if reduction == "none" else size / max(np.sum(kept), 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        unit = {"dx": unit_size @ np.abs(w).T, "dw": unit_size, "db": unit_size.sum(0)}
+    for name in want:
+        atol = 8 * rounding * bounds[name] + floors[name]
+        bad = mismatches(got[name], want[name], 4 * rounding, atol, largest)
+        # A sum can overflow before it cancels.
+        bad &= (bounds[name] < largest) & (unit[name] < FLOAT32_MAX)
+        rows = context if name != "db" else {}  # rows of dx and dw are examples (x = I)
+        found += _first_mismatch(
+            f"{label} {name}", np.atleast_1d(bad), got[name], want[name], **rows
+        )
+    return found
+
+
 def mismatches_found(seed: int, cases: int, long_rows: bool = False, many_rows: bool = False):
     """Yields the mismatches of ``cases`` random cases as found; each checks all five functions."""
     rng = np.random.default_rng(seed)
     for _ in range(cases):
         case = draw_case(rng, long_rows, many_rows and rng.random() < 0.3)
-        for check in (check_softmax_family, check_soft_labels, check_integer_labels):
+        for check in (check_softmax_family, check_soft_labels, check_integer_labels, check_fused):
             yield from check(case, rng)
 
 

@@ -390,6 +390,77 @@ def test_gradient_is_exact_at_a_large_common_logit_level(reduction):
         assert ref.rel_err(db, [-p, p]) < 1e-6, (level, db)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}],
+    ids=["plain", "smoothing", "z_loss"],
+)
+def test_plus_inf_logits_share_the_probability(backend_forms, options):
+    """``+inf`` logits (here from the bias) take their limits, as in the unfused loss.
+
+    Row 0's label is one of two ``+inf`` classes: loss log 2; row 1's is a finite
+    class: loss ``inf``, as is every smoothed loss. Gradients: the softmax puts
+    1/2 on each ``+inf`` class. (With a z-loss the slope ``2 z lse`` is ``inf``:
+    only the value and the finite classes' gradient, ``-target``, are checked.)
+    """
+    x = jnp.eye(2)
+    w = jnp.array([[1.0, 2.0, 3.0, -1.0], [0.5, -1.0, 0.0, 2.0]])
+    b = jnp.array([jnp.inf, 0.0, jnp.inf, 0.0])
+    labels = jnp.array([0, 1])
+    z = np.asarray(x @ w + b, np.float64)
+    target = (1 - options.get("label_smoothing", 0.0)) * np.eye(4)[[0, 1]]
+    target = target + options.get("label_smoothing", 0.0) / 4
+    loss64, grad64 = ref.cross_entropy_limit(
+        z, target, np.ones(z.shape, bool), options.get("z_loss", 0)
+    )
+
+    def loss(x, w, b):
+        return fused(x, w, labels, b, reduction="none", chunk_size=1, **options)
+
+    np.testing.assert_allclose(loss(x, w, b), loss64, rtol=TOL)
+    assert loss(x, w, b)[0] == (np.inf if options else pytest.approx(np.log(2)))
+    dx, dw, db = jax.grad(lambda *a: jnp.sum(loss(*a)), argnums=(0, 1, 2))(x, w, b)
+    if options.get("z_loss"):
+        np.testing.assert_array_equal(np.asarray(db)[[1, 3]], [-1.0, 0.0])  # -target, 0
+        return
+    assert ref.rel_err(db, grad64.sum(0)) < TOL
+    assert ref.rel_err(dw, x.T @ grad64) < TOL and ref.rel_err(dx, grad64 @ w.T) < TOL
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_rows_with_every_logit_minus_inf_give_zero(backend_forms, reduction):
+    """Rows with no probability: loss 0 and gradient 0, as the unfused loss (SPEC 3)."""
+    x, w = jnp.eye(3), jnp.ones((3, 2))
+    b = jnp.full((2,), -jnp.inf)
+    labels = jnp.array([0, 1, 1])
+    value = fused(x, w, labels, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_array_equal(value, np.zeros(3) if reduction == "none" else 0.0)
+    grads = jax.grad(
+        lambda *a: jnp.sum(fused(*a[:2], labels, a[2], reduction=reduction)), argnums=(0, 1, 2)
+    )(x, w, b)
+    for grad in grads:
+        np.testing.assert_array_equal(grad, np.zeros(grad.shape))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_label_smoothing_where_the_sum_of_the_logits_overflows(backend_forms, reduction):
+    """The smoothing term's mean logit, ``(3e38 + 3e38 - 3e38 + 1) / 4``, is taken as a mean of
+    quarters: summed first, the logits overflow to ``inf`` and the loss was NaN."""
+    x = jnp.array([[1.0], [0.5]])
+    w = jnp.array([[3e38, 3e38, -3e38, 1.0]])
+    labels = jnp.array([0, 3])
+
+    def loss(x, w):
+        return fused(x, w, labels, reduction=reduction, label_smoothing=0.1)
+
+    value64, _, dw64, _ = ref.linear_cross_entropy(
+        x, w, labels, reduction=reduction, label_smoothing=0.1
+    )
+    np.testing.assert_allclose(loss(x, w), value64, rtol=TOL)
+    dw = jax.grad(lambda w: jnp.sum(loss(x, w)))(w)
+    assert ref.rel_err(dw, dw64) < TOL
+
+
 def test_confident_examples_never_get_a_negative_loss(rng):
     """``z_y`` is computed apart from the tile (rounded differently, by up to an ulp of
     the logits); where it is the row maximum that must not make the loss negative."""
