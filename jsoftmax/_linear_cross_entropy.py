@@ -268,16 +268,16 @@ def _row_loss(cfg: _Config, z, z_y, logit_mean, coef, want_probs: bool = False):
     (Every tile-sized value here has a single consumer after the reductions, so
     XLA updates the one tile in place instead of keeping a second one.)
     """
-    (m,) = _over_classes(cfg, lax.pmax, _row_max(z))
+    (m,) = _over_classes(cfg, lax.pmax, _stable.row_max(z, (1,))[:, 0])
     eps = cfg.label_smoothing
-    e = jnp.exp(_stable._clamped(z) - _stable.shift_of(m)[:, None])
+    e = jnp.exp(_shifted_tile(z, m))
     shifted_sum, z_y, logit_mean = _over_classes(cfg, lax.psum, jnp.sum(e, axis=1), z_y, logit_mean)
     z_y = _capped(cfg, z_y)
     if cfg.num_classes == 1:
         z_y = m  # the one class's logit, exactly: its cross-entropy is 0, not an ulp of it
     probs = None
     if want_probs and cfg.softcap is None:
-        probs = e * (1.0 / _stable._at_least_one(shifted_sum))[:, None]
+        probs = e * (1.0 / _stable.at_least_one(shifted_sum))[:, None]
     log_sum = jnp.log(shifted_sum)
     lse = _stable.logsumexp_from_stats(m, log_sum)
     if want_probs and probs is None:
@@ -301,15 +301,16 @@ def _row_loss(cfg: _Config, z, z_y, logit_mean, coef, want_probs: bool = False):
     return row, (m, log_sum), probs
 
 
-def _row_max(z):
-    """Each row's maximum, at least the most negative float: a row of ``-inf`` is then empty."""
-    return jnp.maximum(jnp.max(z, axis=1), -_stable._largest(z.dtype))
+def _shifted_tile(z, m):
+    """``z - m`` with ``+inf`` (in ``z`` and ``m``) clamped to the largest float: 0 for the
+    row's ``+inf`` logits, which share the probability, and ``-inf`` for a row of ``-inf``
+    (``m`` is at least the most negative float)."""
+    return _stable.clamped(z) - _stable.shift_of(m)[:, None]
 
 
 def _probabilities(z, m, log_sum):
     """The softmax of a tile from its row statistics; ``z - m`` is exact, ``z - lse`` is not."""
-    shifted = _stable._clamped(z) - _stable.shift_of(m)[:, None]
-    return jnp.exp(shifted - _stable.safe_log_s(log_sum)[:, None])
+    return jnp.exp(_shifted_tile(z, m) - _stable.safe_log_s(log_sum)[:, None])
 
 
 def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):

@@ -118,12 +118,12 @@ def _max_keeping_nan(bound: jax.Array, x: jax.Array) -> jax.Array:
     return lax.max(bound, x)
 
 
-def _at_least_one(s: jax.Array) -> jax.Array:
+def at_least_one(s: jax.Array) -> jax.Array:
     """``max(s, 1)``, NaN where ``s`` is."""
     return _max_keeping_nan(jnp.ones((), s.dtype), s)
 
 
-def _clamped(x: jax.Array) -> jax.Array:
+def clamped(x: jax.Array) -> jax.Array:
     """``min(x, largest finite)``: ``+inf`` clamped, NaN kept."""
     return _min_keeping_nan(jnp.asarray(_largest(x.dtype), x.dtype), x)
 
@@ -301,7 +301,7 @@ def _max_and_sum_by_blocks(x, mask, axes: tuple[int, ...], block: int, dtype, cl
         # are, so only the sum reads the clamped ones (a shared clamp would be
         # written out).
         block_max = jnp.minimum(block_max, _largest(dtype))
-        blocks = _clamped(blocks)
+        blocks = clamped(blocks)
     block_sum = jnp.sum(jnp.exp(blocks - block_max), axis=1, keepdims=True)
     block_max = block_max.reshape(*row_shape, -1)
     block_sum = block_sum.reshape(*row_shape, -1)
@@ -395,7 +395,7 @@ def row_stats(
 
 
 def _clamped_in(x: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
-    return _clamped(masked_in(x, mask, dtype))
+    return clamped(masked_in(x, mask, dtype))
 
 
 def _clamped_stats_by_blocks(x, mask, axes, dtype, block):
@@ -405,7 +405,7 @@ def _clamped_stats_by_blocks(x, mask, axes, dtype, block):
     uses them (one read of the row for the statistics, one for the output).
     """
     m, s = _max_and_sum_by_blocks(x, _full_mask(x, mask), axes, block, dtype, clamp=True)
-    return lax.optimization_barrier((m, _at_least_one(s)))
+    return lax.optimization_barrier((m, at_least_one(s)))
 
 
 def softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtype) -> jax.Array:
@@ -421,7 +421,7 @@ def softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], dtyp
     def whole(x, mask):
         clamped = _clamped_in(x, mask, dtype)
         exps = jnp.exp(clamped - row_max(clamped, axes))
-        return exps / _at_least_one(jnp.sum(exps, axis=axes, keepdims=True))
+        return exps / at_least_one(jnp.sum(exps, axis=axes, keepdims=True))
 
     def by_blocks(x, mask, block):
         m, divisor = _clamped_stats_by_blocks(x, mask, axes, dtype, block)
@@ -437,7 +437,7 @@ def log_softmax_of(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], 
         clamped = _clamped_in(x, mask, dtype)
         shifted_logits = clamped - row_max(clamped, axes)
         s = jnp.sum(jnp.exp(shifted_logits), axis=axes, keepdims=True)
-        return shifted_logits - jnp.log(_at_least_one(s))
+        return shifted_logits - jnp.log(at_least_one(s))
 
     def by_blocks(x, mask, block):
         m, divisor = _clamped_stats_by_blocks(x, mask, axes, dtype, block)
@@ -508,13 +508,12 @@ def z_loss_term(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -
 
 def z_loss_slope(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """``2 z_loss lse``, times ``scale`` if given: ``z_loss_term``'s derivative."""
-    if scale is not None:
-        lse = scale * lse
+    scaled_lse = lse if scale is None else scale * lse
     if 2 * z_loss >= jnp.finfo(lse.dtype).tiny:
-        return (2 * z_loss) * lse
+        return (2 * z_loss) * scaled_lse
     # XLA folds constant factors into one, here subnormal: the sum keeps them apart.
     root = math.sqrt(z_loss)
-    rooted = root * lse
+    rooted = root * scaled_lse
     return (rooted + rooted) * root
 
 

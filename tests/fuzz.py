@@ -309,6 +309,12 @@ def _fused_problem(case: Case, rng: np.random.Generator):
     return np.eye(n), _representable(w, case.dtype), _representable(b, case.dtype)
 
 
+def _through_matmuls(g: np.ndarray, x: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """dx, dw, db from the logits' gradient ``g``: also for sizes, with ``abs`` taken first."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {"dx": g @ w.T, "dw": x.T @ g, "db": g.sum(0)}
+
+
 def check_fused(case: Case, rng: np.random.Generator) -> list[str]:
     """``linear_softmax_cross_entropy`` against the limits of its logits' loss, in float64."""
     n, c = case.logits.shape
@@ -366,19 +372,19 @@ def check_fused(case: Case, rng: np.random.Generator) -> list[str]:
     # are masked out, as they would poison every entry of dx, dw, db through the matmuls.
     open_rows = np.any(np.isnan(grad), -1)
     kept = active & ~open_rows
+    count = max(np.sum(kept), 1)
     grad, size = np.where(kept[:, None], grad, 0.0), np.where(kept[:, None], size, 0.0)
     cotangent = rng.standard_normal(n) if reduction == "none" else rng.standard_normal()
-    row_scale = cotangent * (1 / max(np.sum(kept), 1) if reduction == "mean" else 1.0)
+    row_scale = cotangent * (1 / count if reduction == "mean" else 1.0)
     row_scale = np.reshape(row_scale, (-1, 1))
     g, g_size = row_scale * grad, np.abs(row_scale) * size
     # float32 flushes what falls below its normal range (also on its way to dx through
     # w); float16 rounds gradients below its own to its subnormals.
     flushed = 4 * np.finfo(np.float32).tiny * max(1.0, float(np.max(np.abs(cotangent))))
     flushed = max(flushed, float(jnp.finfo(case.dtype).smallest_subnormal))
-    with np.errstate(over="ignore", invalid="ignore"):
-        want = {"dx": g @ w.T, "dw": x.T @ g, "db": g.sum(0)}
-        bounds = {"dx": g_size @ np.abs(w).T, "dw": g_size, "db": g_size.sum(0)}
-        floors = {"dx": flushed * np.abs(w).sum(1) + flushed, "dw": flushed, "db": flushed * n}
+    want, bounds = _through_matmuls(g, x, w), _through_matmuls(g_size, x, np.abs(w))
+    floors = _through_matmuls(np.full_like(g, flushed), x, np.abs(w))
+    floors["dx"] = floors["dx"] + flushed
     where = jnp.asarray(example_mask & ~open_rows)
     _, vjp = jax.vjp(lambda *a: fused(*a, where), *args)
     got = dict(zip(want, (_as64(t) for t in vjp(jnp.asarray(cotangent, jnp.float32))), strict=True))
@@ -389,9 +395,8 @@ def check_fused(case: Case, rng: np.random.Generator) -> list[str]:
     if case.dtype != jnp.float32 or reduction == "sum":
         unit_size = size
     else:
-        unit_size = g_size if reduction == "none" else size / max(np.sum(kept), 1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        unit = {"dx": unit_size @ np.abs(w).T, "dw": unit_size, "db": unit_size.sum(0)}
+        unit_size = g_size if reduction == "none" else size / count
+    unit = _through_matmuls(unit_size, x, np.abs(w))
     for name in want:
         atol = 8 * rounding * bounds[name] + floors[name]
         bad = mismatches(got[name], want[name], 4 * rounding, atol, largest)
