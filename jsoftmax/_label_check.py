@@ -15,10 +15,15 @@ elimination removes it from a jaxpr that ``checkify`` will see), lowers to
 nothing, and has a ``checkify`` rule that raises the same ``FailedCheckError``
 as ``debug_check`` would, in ``checkify.user_checks``. The rule is registered
 through ``jax._src.checkify``; if a JAX version lacks the names it needs, the
-check falls back to ``checkify.debug_check``.
+check falls back to ``checkify.debug_check``. Since jax 0.11 checkify passes its
+rules a context first (``rule(ctx, error, enabled_errors, *operands)``, and
+``assert_func(ctx, ...)``); the rule takes either form, read off
+``assert_func``'s signature.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,8 @@ try:
     _assert_func = _checkify_internals.assert_func
     _get_traceback = _checkify_internals.get_traceback
     _error_checks = _checkify_internals.error_checks
+    # jax >= 0.11: assert_func(ctx, error, pred, new_error), rules get ctx first.
+    _TAKES_CONTEXT = len(inspect.signature(_assert_func).parameters) == 4
 except (ImportError, AttributeError):  # pragma: no cover - depends on the JAX version
     _label_check_p = None
 else:
@@ -101,10 +108,13 @@ def _batch(args, dims, *, message):
     return out, dims[0]
 
 
-def _checkify_rule(error, enabled_errors, labels, ok, value, position, *, message):
+def _checkify_rule(*args, message):
+    """``(error, labels)``; ``args`` are ``[ctx,] error, enabled_errors, *operands``."""
+    context = args[:1] if _TAKES_CONTEXT else ()
+    error, enabled_errors, labels, ok, value, position = args[len(context) :]
     if _FailedCheckError in enabled_errors:
         failure = _FailedCheckError(_get_traceback(), message, value, position)
-        error = _assert_func(error, jnp.logical_not(ok), failure)
+        error = _assert_func(*context, error, jnp.logical_not(ok), failure)
     return error, labels
 
 

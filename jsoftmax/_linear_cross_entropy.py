@@ -219,34 +219,19 @@ def _label_logit(cfg: _Config, x_c, w, b, y_c, acc):
     return z_y
 
 
-def _smoothing_means(cfg: _Config, w, b, acc):
-    """What the label-smoothing term needs once per call: ``mean_c w[:, c]``, ``mean_c b[c]``.
-
-    Without a soft-cap the mean logit of a row is linear in ``x``:
-    ``mean_c z_c = x . mean_c w[:, c] + mean_c b_c``, a matrix-vector product
-    instead of another pass over the tile. Each term is divided by ``C`` before
-    the sum, which would overflow first for weights near the largest float.
-    None when there is nothing to precompute.
-    """
-    if cfg.label_smoothing == 0.0 or cfg.softcap is not None:
-        return None
-    share = 1.0 / cfg.num_classes
-    w_mean = jnp.sum(w.astype(acc) * share, axis=1)
-    b_mean = jnp.zeros((), acc) if b is None else jnp.sum(b.astype(acc) * share)
-    return w_mean, b_mean
-
-
-def _logit_mean(cfg: _Config, z, x_c, means, acc):
+def _logit_mean(cfg: _Config, z):
     """Per-row mean of the (soft-capped) logits, for label smoothing; None without it.
 
-    With split classes, this device's classes' part of it.
+    Read off the tile, as the unfused loss reads it off the logits: ``x . mean_c(w) +
+    mean_c(b)`` would save that pass, but where ``x . w[:, c]`` and ``b[c]`` cancel
+    (a logit of 0 from a weight of -1e30 and a bias of 1e30) the two means are
+    huge and their sum keeps none of the row's own logits. Each logit is divided
+    by ``C`` before the sum, which would overflow first for logits near the
+    largest float. With split classes, this device's classes' part of it.
     """
     if cfg.label_smoothing == 0.0:
         return None
-    if means is None:  # soft-capped: not linear in x, read it off the tile
-        return jnp.sum(z * (1.0 / cfg.num_classes), axis=1)
-    w_mean, b_mean = means
-    return _dot(x_c.astype(acc), w_mean, 1, 0, acc) + b_mean
+    return jnp.sum(z * (1.0 / cfg.num_classes), axis=1)
 
 
 def _row_loss(cfg: _Config, z, z_y, logit_mean, coef, want_probs: bool = False):
@@ -444,7 +429,6 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
     n = x.shape[0]
     acc = _acc_dtype(coef)
     chunk = cfg.chunk
-    means = _smoothing_means(cfg, w, b, acc)
 
     def body(i, carry):
         rows, maxima, log_sums = carry
@@ -453,7 +437,7 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         y_c = lax.dynamic_slice_in_dim(y, start, chunk)
         coef_c = lax.dynamic_slice_in_dim(coef, start, chunk)
         z = _logit_tile(cfg, x_c, w, b, acc)
-        logit_mean = _logit_mean(cfg, z, x_c, means, acc)
+        logit_mean = _logit_mean(cfg, z)
         z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
         row, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_mean, coef_c)
         rows = lax.dynamic_update_slice_in_dim(rows, row, start, 0)
@@ -480,7 +464,6 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
     chunk, block = cfg.chunk, cfg.block
     n_blocks = -(-columns // block)
     want_loss = stats_saved is None
-    means = _smoothing_means(cfg, w, b, acc) if want_loss else None
 
     def dw_update(dw, x_c, g, g_scale):
         def inner(k, dw):
@@ -515,7 +498,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
             coef_c = jnp.where(fresh, coef_c, jnp.zeros((), acc))
         z = _logit_tile(cfg, x_c, w, b, acc)
         if want_loss:
-            logit_mean = _logit_mean(cfg, z, x_c, means, acc)
+            logit_mean = _logit_mean(cfg, z)
             z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
             row, stats, probs = _row_loss(cfg, z, z_y, logit_mean, coef_c, want_probs=True)
             if fresh is not None:

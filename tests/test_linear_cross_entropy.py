@@ -461,6 +461,28 @@ def test_label_smoothing_where_the_sum_of_the_logits_overflows(backend_forms, re
     assert ref.rel_err(dw, dw64) < TOL
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_label_smoothing_where_weight_and_bias_cancel(backend_forms, reduction):
+    """A logit of 0 from a weight of -1e30 and a bias of 1e30. Its row's mean logit was
+    taken as ``x . mean(w) + mean(b)``: -1.7e29 + 1.7e29, which keeps none of the
+    other logits (a loss 1.5% low). Read off the tile, as the unfused loss does."""
+    x = jnp.eye(2)
+    w = jnp.array([[-1e30, 1.0, -1.5, 0.25], [-1e30, 0.5, 2.0, -1.0]])
+    b = jnp.array([1e30, 0.0, 0.0, 0.0])
+    labels = jnp.array([3, 1])
+
+    def loss(x, w, b):
+        return fused(x, w, labels, b, reduction=reduction, label_smoothing=0.1)
+
+    value64, dx64, dw64, db64 = ref.linear_cross_entropy(
+        x, w, labels, b, reduction=reduction, label_smoothing=0.1
+    )
+    assert np.all(value64 < 10)  # the logits are [0, 1, -1.5, 0.25] and [0, 0.5, 2, -1]
+    np.testing.assert_allclose(loss(x, w, b), value64, rtol=TOL)
+    _, dw, db = jax.grad(lambda *a: jnp.sum(loss(*a)), argnums=(0, 1, 2))(x, w, b)
+    assert ref.rel_err(dw, dw64) < TOL and ref.rel_err(db, db64) < TOL
+
+
 def test_confident_examples_never_get_a_negative_loss(rng):
     """``z_y`` is computed apart from the tile (rounded differently, by up to an ulp of
     the logits); where it is the row maximum that must not make the loss negative."""
