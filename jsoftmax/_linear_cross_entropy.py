@@ -57,7 +57,7 @@ the scalar-loss sweep XLA:CPU keeps a second tile-sized buffer (64.5 MiB there).
 matmuls), so they need about ``2 * D * C * 4`` bytes more.
 On a GPU (measured on an H100) XLA keeps the logit tile and the gradient tile
 apart and adds cuBLAS workspace: 72.5 MiB at the default chunk there (1/7.1 of
-optax's), at 1.8x its time; larger chunks trade memory for time (512 rows:
+optax's), at 1.6-1.8x its time; larger chunks trade memory for time (512 rows:
 1/4, 1.45x). See ``benchmarks/RESULTS.md``.
 """
 
