@@ -44,6 +44,7 @@ from jsoftmax._validation import (
     explicit_sharding,
     known_sizes,
     laid_out_like,
+    mean_of_nothing,
     normalize_axes,
     reduce_losses,
     reduced_shape,
@@ -227,9 +228,9 @@ def _mean_scale(denominator, dtype) -> jax.Array:
 
 
 def _mean_of_scaled(losses, denominator) -> jax.Array:
-    """The sum of losses already divided by ``denominator``; 0 when that is 0."""
+    """The sum of losses already divided by ``denominator``; ``mean_of_nothing`` when that is 0."""
     mean = jnp.sum(losses)
-    return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
+    return jnp.where(denominator == 0, mean_of_nothing(losses), mean)
 
 
 def _scale_inside(reduction, denominator, weights, config, dtype) -> jax.Array | None:

@@ -171,7 +171,8 @@ def _python_float(name: str, value: float) -> float:
 def reduce_losses(
     losses: jax.Array, reduction: str, denominator: jax.Array | None = None
 ) -> jax.Array:
-    """Applies ``reduction``; ``"mean"`` divides by ``denominator`` (0 when it is 0).
+    """Applies ``reduction``; ``"mean"`` divides by ``denominator`` (``mean_of_nothing``
+    when it is 0).
 
     Without a denominator, ``"mean"`` divides by the number of losses. The mean
     divides each loss before summing, so it is finite whenever it is
@@ -186,7 +187,18 @@ def reduce_losses(
     denominator = denominator.astype(losses.dtype)
     safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
     mean = jnp.sum(losses / safe)
-    return jnp.where(denominator == 0, jnp.zeros_like(mean), mean)
+    return jnp.where(denominator == 0, mean_of_nothing(losses), mean)
+
+
+def mean_of_nothing(losses: jax.Array) -> jax.Array:
+    """The ``"mean"`` where nothing is counted: 0, or NaN if a loss is NaN.
+
+    An integer label outside ``[0, C)`` makes its example's loss NaN even where
+    ``where`` masks it out (SPEC 4); a batch with nothing else counted must not
+    hide it behind a 0 (``"none"``, ``"sum"`` and the gradient show the NaN).
+    """
+    has_nan = jnp.any(jnp.isnan(losses))
+    return jnp.where(has_nan, jnp.full((), jnp.nan, losses.dtype), jnp.zeros((), losses.dtype))
 
 
 def laid_out_like(logits: jax.Array, array: jax.Array | None, axes: tuple[int, ...] = ()):

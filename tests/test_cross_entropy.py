@@ -937,6 +937,23 @@ def test_out_of_range_label_gives_nan_never_another_class(bad_label, rng):
     assert np.isnan(jax.jit(int_ce)(logits, labels)[3])
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"z_loss": 1e-3}, {"class_weights": np.ones(7, np.float32)}], ids=str
+)
+def test_a_bad_label_under_a_mask_that_counts_nothing_is_not_hidden(options, rng):
+    """A masked example with a bad label still has a NaN loss (SPEC 4), as ``none``, ``sum``
+    and the gradient show; the mean of a batch with nothing counted was 0 there."""
+    logits, labels, _, _ = random_problem(rng)
+    labels[3] = 7
+    nothing = np.zeros(labels.shape, bool)
+    for reduction in ("none", "sum", "mean"):
+        loss = int_ce(logits, labels, where=nothing, reduction=reduction, **options)
+        assert np.isnan(np.asarray(loss)).sum() == 1
+    assert np.isnan(jax.jit(lambda x: int_ce(x, labels, where=nothing, reduction="mean"))(logits))
+    labels[3] = 1  # nothing counted and nothing wrong: the mean is 0
+    assert int_ce(logits, labels, where=nothing, reduction="mean", **options) == 0.0
+
+
 def test_checkify_reports_the_bad_label(rng):
     logits, labels, _, _ = random_problem(rng)
     labels[5] = 9
