@@ -829,7 +829,8 @@ def softmax_cross_entropy_with_integer_labels(
       reduction: ``"none"``, ``"sum"`` or ``"mean"``; the mean divides by the
         number of counted examples, or by the sum of their labels' class
         weights when ``class_weights`` is given (PyTorch's definition), and
-        is 0 when nothing is counted. It divides each term before adding,
+        is 0 when nothing is counted (NaN if a masked example has a bad
+        label, whose loss is NaN). It divides each term before adding,
         so it is finite whenever it is representable, even where a weighted
         loss or a z-loss term alone would overflow.
 
