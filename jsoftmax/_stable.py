@@ -501,9 +501,16 @@ def z_loss_term(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -
     times a mean's ``1 / N``) would drop the term where ``lse**2``, up to 1e77,
     makes it count. As ``(r lse) * (scale * r lse)`` with ``r = sqrt(z_loss)``
     each factor underflows only where the term is negligible.
+
+    The two factors pass an optimization barrier: on one-element arrays (one
+    example) XLA regroups ``(r lse) * (r lse)`` as ``(lse lse) * (r r)``, whose
+    ``lse**2`` overflows and whose ``r r`` is flushed to 0, a NaN where the term
+    is 1e36 (found by ``tests/fuzz.py``).
     """
     rooted = math.sqrt(z_loss) * lse
-    return rooted * (rooted if scale is None else scale * rooted)
+    scaled = rooted if scale is None else scale * rooted
+    rooted, scaled = lax.optimization_barrier((rooted, scaled))
+    return rooted * scaled
 
 
 def z_loss_slope(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -> jax.Array:

@@ -303,6 +303,38 @@ def test_a_tiny_z_loss_counts_where_the_logsumexp_is_huge(
     assert ref.rel_err(grad, expected_grad) < 1e-5
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-example", "one-row"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+def test_a_tiny_z_loss_of_one_example(backend_forms, integer, reduction, batched):
+    """``z_loss=1e-40`` on a single example, logsumexp 1.5e38: the loss is 2.25e36, not NaN.
+
+    On one-element arrays XLA regrouped ``(r lse) * (r lse)``, ``r = sqrt(z_loss)``,
+    as ``(lse * lse) * (r * r)``: an overflow times a flushed subnormal.
+    """
+    logits = np.array([1.5e38, 0.0, -1.0], np.float32)
+    labels = np.array(0)
+    onehot = np.eye(3, dtype=np.float32)[labels]
+    if batched:
+        logits, labels, onehot = logits[None], labels[None], onehot[None]
+    expected = ref.cross_entropy_soft(logits, onehot, z_loss=1e-40)
+    expected_grad = ref.soft_grad(logits, onehot, z_loss=1e-40)
+    if reduction != "none":
+        expected = expected.sum()
+    assert np.all(np.isfinite(np.float32(expected)))
+
+    def loss_fn(x):
+        if integer:
+            return int_ce(x, labels, z_loss=1e-40, reduction=reduction)
+        return soft_ce(x, onehot, z_loss=1e-40, reduction=reduction)
+
+    logits = jnp.asarray(logits)
+    np.testing.assert_allclose(loss_fn(logits), expected, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(loss_fn)(logits), expected, rtol=1e-5)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(loss_fn(x))))(logits)
+    assert ref.rel_err(grad, expected_grad) < 1e-5
+
+
 @pytest.mark.parametrize("z_loss", [1e-4, 0.1])
 @pytest.mark.parametrize("integer", [False, True])
 def test_z_loss_adds_squared_logsumexp_and_its_gradient(z_loss, integer, rng):
