@@ -1201,6 +1201,27 @@ def test_bfloat16_integer_label_forward_makes_no_float32_copy():
     assert compiled.memory_analysis().temp_size_in_bytes < 8192 * 1024 * 4 / 8
 
 
+@pytest.mark.parametrize("with_gradient", [False, True])
+def test_float16_label_smoothing_holds_one_float32_copy_less(with_gradient):
+    """float16 logits with label smoothing (exact on CPU): one float32 copy, two under a gradient.
+
+    XLA:CPU's reductions take no float16 convert, so the forward writes the
+    logits out in float32 once; the rare ``+inf`` count took a second copy of
+    its own (64 MiB for the value, 96 with the gradient). optax, which computes
+    in float16, holds 32 MiB here.
+    """
+    logits = jax.ShapeDtypeStruct((8192, 1024), jnp.float16)
+    labels = jax.ShapeDtypeStruct((8192,), jnp.int32)
+
+    def loss(x, y):
+        return jnp.sum(int_ce(x, y, label_smoothing=0.1))
+
+    f = jax.value_and_grad(loss) if with_gradient else loss
+    analysis = jax.jit(f).lower(logits, labels).compile().memory_analysis()
+    float32_copies = 2 if with_gradient else 1
+    assert analysis.temp_size_in_bytes < (float32_copies + 0.1) * 8192 * 1024 * 4
+
+
 def test_bfloat16_soft_label_forward_holds_no_float32_copy():
     """The rare exact redo reads bfloat16 chunks (exact on CPU).
 
