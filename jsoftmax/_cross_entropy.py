@@ -407,11 +407,11 @@ def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, extra_names, a
 
 
 def _soft_forward(
-    logits, labels, logit_mask, example_mask, weights, loss_scale, config, one_loop=True
+    logits, labels, logit_mask, example_mask, weights, loss_scale, config, value_only=True
 ):
     """The losses and the row statistics.
 
-    ``one_loop``: without a logit mask, the value alone is the one loop XLA
+    ``value_only`` (no gradient to come): without a logit mask, the loss is the one loop XLA
     fuses (label smoothing and z-loss are constants in it, class weights and
     a mean's scales are arguments), its edge rows redone; for a gradient the
     statistics are computed anyway, and the loss from them is cheaper than a
@@ -425,7 +425,7 @@ def _soft_forward(
     num_classes = class_count(logits.shape, axes)
     no_classes = known_sizes(num_classes) and num_classes == 0
     # Without classes the loop's z-loss would be inf, not a NaN that the exact rows redo.
-    if one_loop and logit_mask is None and not no_classes:
+    if value_only and logit_mask is None and not no_classes:
         # Only the loss is needed without a gradient; XLA then drops the
         # statistics above, which the backward pass keeps. The inputs go in
         # uncast: cast outside, 16-bit ones would be copied out in float32
@@ -453,7 +453,7 @@ def _soft_forward(
     y = labels.astype(dtype)
     coefficient = _soft_coefficients(y, scales.weights, logit_mask, config, dtype)
     loss = _soft_loss_exact(
-        xm, coefficient, m, log_s, config, scales.row, scales.z, per_term=one_loop
+        xm, coefficient, m, log_s, config, scales.row, scales.z, per_term=value_only
     )
     active = _example_is_active(log_s, example_mask)
     return _finish(loss, active, None, axes), (m, log_s)
@@ -502,7 +502,7 @@ def _zero_rows(gradient, active):
 
 
 _soft_cross_entropy = _custom_vjp_loss(
-    _soft_forward, _soft_bwd, functools.partial(_soft_forward, one_loop=False)
+    _soft_forward, _soft_bwd, functools.partial(_soft_forward, value_only=False)
 )
 
 
