@@ -102,7 +102,13 @@ def _per_class(weights: jax.Array | None, like: jax.Array, axes, dtype) -> jax.A
     """The class weights laid along the class axes of ``like`` (broadcastable to it)."""
     if weights is None:
         return None
-    return laid_out_like(like, weights.astype(dtype)[_flat_class_index(like.shape, axes)])
+    weights = weights.astype(dtype)
+    if list(axes) == sorted(axes):
+        # The classes in their own order: a reshape (a gather would be a kernel of its own).
+        laid = weights.reshape(tuple(n if i in axes else 1 for i, n in enumerate(like.shape)))
+    else:
+        laid = weights[_flat_class_index(like.shape, axes)]
+    return laid_out_like(like, laid)
 
 
 def _is_label(like: jax.Array, label_index: jax.Array, axes) -> jax.Array:
@@ -406,6 +412,44 @@ def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, extra_names, a
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
 
+def _soft_loss_chain(smoothing: float, z_loss: float, dtype, extra_names, axes, x, y, *extras):
+    """``_soft_loss_exact_rows``'s values as one chain of row reductions, for GPUs and TPUs.
+
+    XLA:GPU runs a chain of reductions, each taking the previous one's result
+    only broadcast back into one elementwise expression of the row (``max``,
+    then ``sum(exp(x - max))``, then the loss's weighted sum), as one kernel;
+    a row result used anywhere else splits it into a kernel per reduction plus
+    the per-row steps between them (four, where optax's loss is one). So the
+    edge rows are handled inside the chain, in halves ``h = x / 2`` (a gap
+    ``h - max(h)`` never overflows):
+
+    - a ``+inf`` entry's gap is 1, not ``inf - inf``: each adds ``e**2`` to the
+      sum, and ``log_s / 2 - 1`` is its share ``log(k) / 2`` of the ``k`` of them;
+      the row's finite entries have gap ``-inf``, their limit;
+    - an empty or all ``-inf`` row has ``s = 0``; its loss is 0 (the epilogue
+      reads ``log_s``, the last reduction before the loss's, which keeps the chain);
+    - a NaN makes ``s``, and so the loss, NaN.
+
+    With a z-loss the row's ``lse`` is needed past the chain: more kernels.
+    """
+    class_weight, row_scale, z_scale = _row_extras(extra_names, extras)
+    x, y = x.astype(dtype), y.astype(dtype)
+    half_x = x * 0.5
+    half_max = _stable.row_max(half_x, axes)
+    half_gap = jnp.where(half_x == jnp.inf, jnp.ones_like(half_x), half_x - half_max)
+    log_s = jnp.log(jnp.sum(jnp.exp(half_gap * 2), axis=axes, keepdims=True))
+    safe_log_s = _stable.safe_log_s(log_s)
+    target = _soft_target(y, class_weight, smoothing, axes)
+    loss = 2 * _weighted_sum(target, safe_log_s * 0.5 - half_gap, axes)
+    if row_scale is not None:
+        loss = loss * row_scale
+    if z_loss:
+        # log_s is 2 too large in a row with a +inf entry, whose lse is +inf anyway
+        lse = _stable.logsumexp_from_stats(half_max * 2, log_s)
+        loss = loss + _z_term(_Config(axes, smoothing, z_loss), lse, z_scale)
+    return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
+
+
 def _soft_forward(
     logits, labels, logit_mask, example_mask, weights, loss_scale, config, value_only=True
 ):
@@ -446,6 +490,7 @@ def _soft_forward(
             logits,
             labels,
             *extras.values(),
+            other=functools.partial(_soft_loss_chain, *options),
         )
         if example_mask is not None:
             loss = jnp.where(example_mask, loss, jnp.zeros_like(loss))

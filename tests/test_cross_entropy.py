@@ -1096,6 +1096,36 @@ def test_soft_labels_edge_rows_are_exact_under_jit_and_vmap(backend_forms):
         assert not np.any(np.isnan(result))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_soft_labels_value_in_rows_with_plus_inf(backend_forms, smoothing):
+    """The limits in rows with ``+inf`` logits, in both forms of the value.
+
+    The ``+inf`` entries share the probability; the row's finite ones, even the
+    largest float, have none, so label mass on them makes the loss ``+inf``;
+    beside a NaN the loss is NaN.
+    """
+    inf, largest = np.inf, float(np.finfo(np.float32).max)
+    logits = np.array(
+        [
+            [inf, largest, 0.0, -inf],
+            [inf, 1.0, inf, 0.0],
+            [inf, 1.0, inf, 0.0],
+            [inf, np.nan, 0.0, 1.0],
+        ],
+        np.float32,
+    )
+    labels = np.array(
+        [[1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],
+        np.float32,
+    )
+    # -log of the share 1/k of each +inf entry; label smoothing spreads mass to finite ones.
+    expected = [inf, inf, inf, np.nan] if smoothing else [0.0, np.log(2.0), inf, np.nan]
+    if smoothing == 0.0:
+        expected[0] = 0.0  # one +inf entry: the largest float beside it takes no share
+    loss = jax.jit(lambda x, y: soft_ce(x, y, label_smoothing=smoothing))(logits, labels)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_soft_labels_edge_rows_among_many_rows(backend_forms, dtype):
     """Past 256 KiB the exact redo runs a chunk of rows at a time: same limits.
