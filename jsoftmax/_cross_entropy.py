@@ -412,41 +412,48 @@ def _soft_loss_exact_rows(smoothing: float, z_loss: float, dtype, extra_names, a
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
 
-def _soft_loss_chain(smoothing: float, z_loss: float, dtype, extra_names, axes, x, y, *extras):
-    """``_soft_loss_exact_rows``'s values as one chain of row reductions, for GPUs and TPUs.
+def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
+    """``sum(target * -log_softmax(x))`` (plus the z-loss) as one chain of row reductions.
 
-    XLA:GPU runs a chain of reductions, each taking the previous one's result
-    only broadcast back into one elementwise expression of the row (``max``,
-    then ``sum(exp(x - max))``, then the loss's weighted sum), as one kernel;
-    a row result used anywhere else splits it into a kernel per reduction plus
-    the per-row steps between them (four, where optax's loss is one). So the
-    edge rows are handled inside the chain, in halves ``h = x / 2`` (a gap
-    ``h - max(h)`` never overflows):
+    For GPUs and TPUs. XLA:GPU runs a chain of reductions, each taking the
+    previous one's result only broadcast back into one elementwise expression
+    of the row (``max``, then ``sum(exp(x - max))``, then the loss's weighted
+    sum), as one kernel; a row result used anywhere else splits it into a
+    kernel per reduction plus the per-row steps between them (four for the
+    soft-label loss, where optax's is one). So the edge rows are handled
+    inside the chain, in halves ``h = x / 2`` (a gap ``h - max(h)`` never
+    overflows):
 
     - a ``+inf`` entry's gap is 1, not ``inf - inf``: each adds ``e**2`` to the
       sum, and ``log_s / 2 - 1`` is its share ``log(k) / 2`` of the ``k`` of them;
       the row's finite entries have gap ``-inf``, their limit;
-    - an empty or all ``-inf`` row has ``s = 0``; its loss is 0 (the epilogue
-      reads ``log_s``, the last reduction before the loss's, which keeps the chain);
+    - an empty or all ``-inf`` row has ``s = 0`` (the caller zeroes its loss
+      from ``log_s``, the last reduction before the loss's, which keeps the chain);
     - a NaN makes ``s``, and so the loss, NaN.
 
     With a z-loss the row's ``lse`` is needed past the chain: more kernels.
+    Returns the per-row loss and ``log_s`` (keepdims).
     """
-    class_weight, row_scale, z_scale = _row_extras(extra_names, extras)
-    x, y = x.astype(dtype), y.astype(dtype)
     half_x = x * 0.5
     half_max = _stable.row_max(half_x, axes)
     half_gap = jnp.where(half_x == jnp.inf, jnp.ones_like(half_x), half_x - half_max)
     log_s = jnp.log(jnp.sum(jnp.exp(half_gap * 2), axis=axes, keepdims=True))
-    safe_log_s = _stable.safe_log_s(log_s)
-    target = _soft_target(y, class_weight, smoothing, axes)
-    loss = 2 * _weighted_sum(target, safe_log_s * 0.5 - half_gap, axes)
+    loss = 2 * _weighted_sum(target, _stable.safe_log_s(log_s) * 0.5 - half_gap, axes)
     if row_scale is not None:
         loss = loss * row_scale
     if z_loss:
         # log_s is 2 too large in a row with a +inf entry, whose lse is +inf anyway
         lse = _stable.logsumexp_from_stats(half_max * 2, log_s)
-        loss = loss + _z_term(_Config(axes, smoothing, z_loss), lse, z_scale)
+        loss = loss + _stable.z_loss_term(z_loss, lse, z_scale)
+    return loss, log_s
+
+
+def _soft_loss_chain(smoothing: float, z_loss: float, dtype, extra_names, axes, x, y, *extras):
+    """``_soft_loss_exact_rows``'s values by ``_loss_chain``: one kernel on XLA:GPU."""
+    class_weight, row_scale, z_scale = _row_extras(extra_names, extras)
+    x, y = x.astype(dtype), y.astype(dtype)
+    target = _soft_target(y, class_weight, smoothing, axes)
+    loss, log_s = _loss_chain(x, target, axes, z_loss, row_scale, z_scale)
     return jnp.where(_stable.nonempty(log_s), loss, jnp.zeros_like(loss))
 
 
@@ -700,7 +707,7 @@ def _label_logit(logits, label_index, axes, dtype):
     return lax.bitcast_convert_type(bits, logits.dtype).astype(dtype)
 
 
-def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
+def _smoothing_parts(xm, logit_mask, weights, loss_scale, config):
     """``e / K`` (times ``loss_scale``) and the class-weight sums of the uniform part, or None."""
     smoothing = config.label_smoothing
     if smoothing == 0:
@@ -726,26 +733,64 @@ def _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config):
     return share, class_weight, weight_total
 
 
+# XLA:GPU (jaxlib 0.10.2, compiled for an H100) runs ``_loss_chain`` as one kernel for
+# rows of up to this many classes; longer rows take a kernel per reduction step, and
+# its third pass over the logits then makes more kernels than the integer-label
+# loss's own two reductions (9 against 6 at 32k classes).
+_CHAIN_MAX_CLASSES = 16384
+
+
+def _one_kernel(logits, axes) -> bool:
+    """Whether ``_loss_chain`` over these rows is one kernel on XLA:GPU (sizes known)."""
+    num_classes = class_count(logits.shape, axes)
+    return known_sizes(num_classes) and num_classes <= _CHAIN_MAX_CLASSES
+
+
 def _integer_forward(
     logits, labels, logit_mask, example_mask, weights, loss_scale, config, value_only=True
 ):
     """The losses and the row statistics.
 
-    ``value_only``: with label smoothing and a logit mask, the uniform part is
-    summed by ``_half_summed_per_logit``.
+    ``value_only`` (no gradient to come): with label smoothing and a logit mask,
+    the uniform part is summed by ``_half_summed_per_logit``; without a logit
+    mask or z-loss, the other backends take the loss from ``_loss_chain`` where
+    it is one kernel (the statistics returned are then not used; a z-loss's
+    ``lse`` splits the chain).
     """
     axes = config.axes
-    x, xm, label_index, label_weight, ignored, invalid = _integer_parts(
-        logits, labels, logit_mask, weights, loss_scale, config
-    )
+    parts = _integer_parts(logits, labels, logit_mask, weights, loss_scale, config)
+    x, _, _, _, ignored, invalid = parts
     m, log_s = _stable.row_stats(logits, logit_mask, axes, x.dtype)
+
+    def from_stats(m, log_s):
+        loss = _integer_loss_from_stats(
+            logits, logit_mask, weights, loss_scale, config, parts, m, log_s, value_only
+        )
+        return _finish(loss, _example_is_active(log_s, example_mask, ignored), invalid, axes)
+
+    def by_chain(m, log_s):
+        loss, chain_log_s = _integer_loss_chain(logit_mask, weights, loss_scale, config, parts)
+        active = _example_is_active(chain_log_s, example_mask, ignored)
+        return _finish(loss, active, invalid, axes)
+
+    if value_only and logit_mask is None and not config.z_loss and _one_kernel(logits, axes):
+        return _stable.by_backend(m, log_s, cpu=from_stats, other=by_chain), (m, log_s)
+    return from_stats(m, log_s), (m, log_s)
+
+
+def _integer_loss_from_stats(
+    logits, logit_mask, weights, loss_scale, config, parts, m, log_s, value_only
+):
+    """Per-row integer-label losses (keepdims) from the row statistics."""
+    axes = config.axes
+    x, xm, label_index, label_weight, _, _ = parts
     log_s_safe = _stable.safe_log_s(log_s)
     label_coefficient = (1 - config.label_smoothing) * label_weight
     label_logit = _label_logit(logits, label_index, axes, x.dtype)
     # In halves, doubled last: lse - z_y itself can pass the largest float.
     half_label_term = log_s_safe * 0.5 - _label_half_shifted(label_logit, m)
     half_loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * half_label_term)
-    smoothing = _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config)
+    smoothing = _smoothing_parts(xm, logit_mask, weights, loss_scale, config)
     if smoothing is not None:
         share, class_weight, weight_total = smoothing
         # share goes into the sum term by term: (K - 1) logit gaps near the largest
@@ -757,9 +802,25 @@ def _integer_forward(
                 share * class_weight, _stable.half_shifted(xm, m), axes
             )
         half_loss = half_loss + half_spread
-    loss = 2 * half_loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
-    active = _example_is_active(log_s, example_mask, ignored)
-    return _finish(loss, active, invalid, axes), (m, log_s)
+    return 2 * half_loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
+
+
+def _integer_loss_chain(logit_mask, weights, loss_scale, config, parts):
+    """Per-row integer-label losses and ``log_s`` (keepdims) by ``_loss_chain``, no logit mask.
+
+    The target of each logit is the label's coefficient at the label and the
+    smoothing's share (times the class weight) everywhere.
+    """
+    x, xm, label_index, label_weight, _, _ = parts
+    label_coefficient = (1 - config.label_smoothing) * label_weight
+    target = jnp.where(
+        _is_label(x, label_index, config.axes), label_coefficient, jnp.zeros((), x.dtype)
+    )
+    smoothing = _smoothing_parts(xm, logit_mask, weights, loss_scale, config)
+    if smoothing is not None:
+        share, class_weight, _ = smoothing
+        target = target + share * class_weight
+    return _loss_chain(x, target, config.axes, config.z_loss, None, loss_scale)
 
 
 def _integer_bwd(config, residuals, g):
@@ -775,7 +836,7 @@ def _integer_bwd(config, residuals, g):
 
     label_coefficient = (1 - config.label_smoothing) * label_weight
     scale = label_coefficient
-    smoothing = _smoothing_parts(xm, m, logit_mask, weights, loss_scale, config)
+    smoothing = _smoothing_parts(xm, logit_mask, weights, loss_scale, config)
     if smoothing is not None:
         share, class_weight, weight_total = smoothing
         scale = scale + share * weight_total
