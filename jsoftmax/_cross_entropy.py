@@ -504,11 +504,21 @@ def _soft_forward(
         return jnp.squeeze(loss, axis=axes), (m, log_s)
     y = labels.astype(dtype)
     coefficient = _soft_coefficients(y, scales.weights, logit_mask, config, dtype)
-    loss = _soft_loss_exact(
-        xm, coefficient, m, log_s, config, scales.row, scales.z, per_term=value_only
-    )
-    active = _example_is_active(log_s, example_mask)
-    return _finish(loss, active, None, axes), (m, log_s)
+
+    def from_stats(m, log_s):
+        loss = _soft_loss_exact(
+            xm, coefficient, m, log_s, config, scales.row, scales.z, per_term=value_only
+        )
+        return _finish(loss, _example_is_active(log_s, example_mask), None, axes)
+
+    def by_chain(m, log_s):
+        loss, chain_log_s = _loss_chain(xm, coefficient, axes, config.z_loss, scales.row, scales.z)
+        return _finish(loss, _example_is_active(chain_log_s, example_mask), None, axes)
+
+    if value_only and not config.z_loss and _one_kernel(logits, axes):
+        # With a logit mask: on the other backends the masked rows' chain.
+        return _stable.by_backend(m, log_s, cpu=from_stats, other=by_chain), (m, log_s)
+    return from_stats(m, log_s), (m, log_s)
 
 
 def _soft_bwd(config, residuals, g):
