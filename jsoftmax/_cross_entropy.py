@@ -431,7 +431,7 @@ def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
       from ``log_s``, the last reduction before the loss's, which keeps the chain);
     - a NaN makes ``s``, and so the loss, NaN.
 
-    With a z-loss the row's ``lse`` is needed past the chain: more kernels.
+    A z-loss's ``lse`` comes from a second chain of its own (max, sum).
     Returns the per-row loss and ``log_s`` (keepdims).
     """
     half_x = x * 0.5
@@ -442,8 +442,10 @@ def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
     if row_scale is not None:
         loss = loss * row_scale
     if z_loss:
-        # log_s is 2 too large in a row with a +inf entry, whose lse is +inf anyway
-        lse = _stable.logsumexp_from_stats(half_max * 2, log_s)
+        # The logsumexp by a chain of its own, which XLA:GPU fuses with this one;
+        # half_max or log_s used here would split it. A +inf entry makes it +inf.
+        shift = _stable.shift_of(_stable.row_max(x, axes))
+        lse = shift + jnp.log(jnp.sum(jnp.exp(x - shift), axis=axes, keepdims=True))
         loss = loss + _stable.z_loss_term(z_loss, lse, z_scale)
     return loss, log_s
 
@@ -497,7 +499,12 @@ def _soft_forward(
             logits,
             labels,
             *extras.values(),
-            other=functools.partial(_soft_loss_chain, *options),
+            # Past one kernel's rows a z-loss's own chain reads the logits twice more.
+            other=(
+                functools.partial(_soft_loss_chain, *options)
+                if _one_kernel(logits, axes) or not config.z_loss
+                else None
+            ),
         )
         if example_mask is not None:
             loss = jnp.where(example_mask, loss, jnp.zeros_like(loss))
@@ -515,7 +522,7 @@ def _soft_forward(
         loss, chain_log_s = _loss_chain(xm, coefficient, axes, config.z_loss, scales.row, scales.z)
         return _finish(loss, _example_is_active(chain_log_s, example_mask), None, axes)
 
-    if value_only and not config.z_loss and _one_kernel(logits, axes):
+    if value_only and _one_kernel(logits, axes):
         # With a logit mask: on the other backends the masked rows' chain.
         return _stable.by_backend(m, log_s, cpu=from_stats, other=by_chain), (m, log_s)
     return from_stats(m, log_s), (m, log_s)
@@ -763,9 +770,8 @@ def _integer_forward(
 
     ``value_only`` (no gradient to come): with label smoothing and a logit mask,
     the uniform part is summed by ``_half_summed_per_logit``; without a logit
-    mask or z-loss, the other backends take the loss from ``_loss_chain`` where
-    it is one kernel (the statistics returned are then not used; a z-loss's
-    ``lse`` splits the chain).
+    mask, the other backends take the loss from ``_loss_chain`` where it is one
+    kernel (the statistics returned are then not used).
     """
     axes = config.axes
     parts = _integer_parts(logits, labels, logit_mask, weights, loss_scale, config)
@@ -783,7 +789,7 @@ def _integer_forward(
         active = _example_is_active(chain_log_s, example_mask, ignored)
         return _finish(loss, active, invalid, axes)
 
-    if value_only and logit_mask is None and not config.z_loss and _one_kernel(logits, axes):
+    if value_only and logit_mask is None and _one_kernel(logits, axes):
         return _stable.by_backend(m, log_s, cpu=from_stats, other=by_chain), (m, log_s)
     return from_stats(m, log_s), (m, log_s)
 

@@ -508,14 +508,16 @@ def z_loss_term(z_loss: float, lse: jax.Array, scale: jax.Array | None = None) -
     makes it count. As ``(r lse) * (scale * r lse)`` with ``r = sqrt(z_loss)``
     each factor underflows only where the term is negligible.
 
-    The two factors pass an optimization barrier: on one-element arrays (one
-    example) XLA regroups ``(r lse) * (r lse)`` as ``(lse lse) * (r r)``, whose
-    ``lse**2`` overflows and whose ``r r`` is flushed to 0, a NaN where the term
-    is 1e36 (found by ``tests/fuzz.py``).
+    On one-element arrays (one example) XLA regroups ``(r lse) * (r lse)`` as
+    ``(lse lse) * (r r)``, whose ``lse**2`` overflows and whose ``r r`` is flushed
+    to 0, a NaN where the term is 1e36 (found by ``tests/fuzz.py``); there the
+    two factors pass an optimization barrier. Not on longer rows, where XLA
+    keeps them apart: on a GPU a barrier splits a fused loss into more kernels.
     """
     rooted = math.sqrt(z_loss) * lse
     scaled = rooted if scale is None else scale * rooted
-    rooted, scaled = lax.optimization_barrier((rooted, scaled))
+    if not known_sizes(*lse.shape) or lse.size <= 1:
+        rooted, scaled = lax.optimization_barrier((rooted, scaled))
     return rooted * scaled
 
 
