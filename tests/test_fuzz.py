@@ -1,6 +1,7 @@
 """A few seeded cases of ``tests/fuzz.py`` in each form, so that it keeps running.
 
-Longer runs: ``python -m tests.fuzz --seed S --cases 300 --forms cpu|other|default``.
+Longer runs: ``python -m tests.fuzz --seed S --cases 300 --forms cpu|other|default``
+(``--one-row`` for single rows).
 """
 
 import numpy as np
@@ -14,6 +15,12 @@ from tests import reference as ref
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_rows_with_special_values_take_their_limits(seed):
     assert fuzz.run(seed, cases=3, many_rows=True) == []
+
+
+@pytest.mark.usefixtures("backend_forms")
+def test_single_random_rows_take_their_limits():
+    """One-element losses, where XLA simplifies differently (a tiny z-loss went NaN there)."""
+    assert fuzz.run(2, cases=3, one_row=True) == []
 
 
 def test_limit_reference_shares_probability_among_infinite_logits():
