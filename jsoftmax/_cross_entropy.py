@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -450,6 +451,19 @@ def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
     return loss, log_s
 
 
+# XLA:GPU (jaxlib 0.10.2, compiled for an H100) runs ``_loss_chain`` as one kernel for
+# rows of up to this many classes; longer rows take a kernel per reduction step, and
+# its third pass over the logits then makes more kernels than the integer-label
+# loss's own two reductions (9 against 6 at 32k classes).
+_CHAIN_MAX_CLASSES = 16384
+
+
+def _one_kernel(logits, axes) -> bool:
+    """Whether ``_loss_chain`` over these rows is one kernel on XLA:GPU (sizes known)."""
+    num_classes = class_count(logits.shape, axes)
+    return known_sizes(num_classes) and num_classes <= _CHAIN_MAX_CLASSES
+
+
 def _soft_loss_chain(smoothing: float, z_loss: float, dtype, extra_names, axes, x, y, *extras):
     """``_soft_loss_exact_rows``'s values by ``_loss_chain``: one kernel on XLA:GPU."""
     class_weight, row_scale, z_scale = _row_extras(extra_names, extras)
@@ -683,7 +697,20 @@ def softmax_cross_entropy(
 # --- integer labels ---------------------------------------------------------------
 
 
-def _integer_parts(logits, labels, logit_mask, weights, loss_scale, config, backward=False):
+class _IntegerParts(NamedTuple):
+    """What both passes of the integer-label loss need; keepdims-shaped per-row arrays."""
+
+    x: jax.Array  # the logits in the compute dtype
+    xm: jax.Array  # x with the masked logits -inf
+    label_index: jax.Array  # the label, 0 where it is out of range
+    label_weight: jax.Array | float  # its class weight (times loss_scale)
+    ignored: jax.Array | None  # label == ignore_index
+    invalid: jax.Array  # out of range and not ignored
+
+
+def _integer_parts(
+    logits, labels, logit_mask, weights, loss_scale, config, backward=False
+) -> _IntegerParts:
     """The pieces both passes need: masked logits, label index and weight, bad labels.
 
     ``loss_scale`` (None or a scalar) goes into the label's weight.
@@ -702,7 +729,7 @@ def _integer_parts(logits, labels, logit_mask, weights, loss_scale, config, back
     label_weight = 1.0 if weights is None else _weights_of(weights.astype(dtype), label_index)
     if loss_scale is not None:
         label_weight = label_weight * loss_scale
-    return x, xm, label_index, label_weight, ignored, invalid
+    return _IntegerParts(x, xm, label_index, label_weight, ignored, invalid)
 
 
 def _label_logit(logits, label_index, axes, dtype):
@@ -750,19 +777,6 @@ def _smoothing_parts(xm, logit_mask, weights, loss_scale, config):
     return share, class_weight, weight_total
 
 
-# XLA:GPU (jaxlib 0.10.2, compiled for an H100) runs ``_loss_chain`` as one kernel for
-# rows of up to this many classes; longer rows take a kernel per reduction step, and
-# its third pass over the logits then makes more kernels than the integer-label
-# loss's own two reductions (9 against 6 at 32k classes).
-_CHAIN_MAX_CLASSES = 16384
-
-
-def _one_kernel(logits, axes) -> bool:
-    """Whether ``_loss_chain`` over these rows is one kernel on XLA:GPU (sizes known)."""
-    num_classes = class_count(logits.shape, axes)
-    return known_sizes(num_classes) and num_classes <= _CHAIN_MAX_CLASSES
-
-
 def _integer_forward(
     logits, labels, logit_mask, example_mask, weights, loss_scale, config, value_only=True
 ):
@@ -775,19 +789,20 @@ def _integer_forward(
     """
     axes = config.axes
     parts = _integer_parts(logits, labels, logit_mask, weights, loss_scale, config)
-    x, _, _, _, ignored, invalid = parts
-    m, log_s = _stable.row_stats(logits, logit_mask, axes, x.dtype)
+    m, log_s = _stable.row_stats(logits, logit_mask, axes, parts.x.dtype)
+
+    def finish(loss, log_s):
+        active = _example_is_active(log_s, example_mask, parts.ignored)
+        return _finish(loss, active, parts.invalid, axes)
 
     def from_stats(m, log_s):
         loss = _integer_loss_from_stats(
             logits, logit_mask, weights, loss_scale, config, parts, m, log_s, value_only
         )
-        return _finish(loss, _example_is_active(log_s, example_mask, ignored), invalid, axes)
+        return finish(loss, log_s)
 
     def by_chain(m, log_s):
-        loss, chain_log_s = _integer_loss_chain(logit_mask, weights, loss_scale, config, parts)
-        active = _example_is_active(chain_log_s, example_mask, ignored)
-        return _finish(loss, active, invalid, axes)
+        return finish(*_integer_loss_chain(weights, loss_scale, config, parts))
 
     if value_only and logit_mask is None and _one_kernel(logits, axes):
         return _stable.by_backend(m, log_s, cpu=from_stats, other=by_chain), (m, log_s)
@@ -799,10 +814,10 @@ def _integer_loss_from_stats(
 ):
     """Per-row integer-label losses (keepdims) from the row statistics."""
     axes = config.axes
-    x, xm, label_index, label_weight, _, _ = parts
+    xm = parts.xm
     log_s_safe = _stable.safe_log_s(log_s)
-    label_coefficient = (1 - config.label_smoothing) * label_weight
-    label_logit = _label_logit(logits, label_index, axes, x.dtype)
+    label_coefficient = (1 - config.label_smoothing) * parts.label_weight
+    label_logit = _label_logit(logits, parts.label_index, axes, parts.x.dtype)
     # In halves, doubled last: lse - z_y itself can pass the largest float.
     half_label_term = log_s_safe * 0.5 - _label_half_shifted(label_logit, m)
     half_loss = jnp.where(label_coefficient == 0, 0.0, label_coefficient * half_label_term)
@@ -821,18 +836,17 @@ def _integer_loss_from_stats(
     return 2 * half_loss + _z_term(config, _stable.logsumexp_from_stats(m, log_s), loss_scale)
 
 
-def _integer_loss_chain(logit_mask, weights, loss_scale, config, parts):
+def _integer_loss_chain(weights, loss_scale, config, parts):
     """Per-row integer-label losses and ``log_s`` (keepdims) by ``_loss_chain``, no logit mask.
 
     The target of each logit is the label's coefficient at the label and the
     smoothing's share (times the class weight) everywhere.
     """
-    x, xm, label_index, label_weight, _, _ = parts
-    label_coefficient = (1 - config.label_smoothing) * label_weight
-    target = jnp.where(
-        _is_label(x, label_index, config.axes), label_coefficient, jnp.zeros((), x.dtype)
-    )
-    smoothing = _smoothing_parts(xm, logit_mask, weights, loss_scale, config)
+    x = parts.x
+    label_coefficient = (1 - config.label_smoothing) * parts.label_weight
+    is_label = _is_label(x, parts.label_index, config.axes)
+    target = jnp.where(is_label, label_coefficient, jnp.zeros((), x.dtype))
+    smoothing = _smoothing_parts(parts.xm, None, weights, loss_scale, config)
     if smoothing is not None:
         share, class_weight, _ = smoothing
         target = target + share * class_weight

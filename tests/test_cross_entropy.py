@@ -1118,10 +1118,9 @@ def test_soft_labels_value_in_rows_with_plus_inf(backend_forms, smoothing):
         [[1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],
         np.float32,
     )
-    # -log of the share 1/k of each +inf entry; label smoothing spreads mass to finite ones.
+    # -log of the share 1/k of each +inf entry (row 0: one, the largest float beside it
+    # takes no share); label smoothing spreads mass to finite ones.
     expected = [inf, inf, inf, np.nan] if smoothing else [0.0, np.log(2.0), inf, np.nan]
-    if smoothing == 0.0:
-        expected[0] = 0.0  # one +inf entry: the largest float beside it takes no share
     loss = jax.jit(lambda x, y: soft_ce(x, y, label_smoothing=smoothing))(logits, labels)
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
