@@ -155,12 +155,14 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
 
     On XLA:CPU the count runs only when some row has a ``+inf``; the branch
     takes the raw ``x`` and ``mask``: a branch operand is a buffer, and the
-    masked, cast logits would otherwise be written out. Unmasked float16 is
-    the exception: XLA:CPU writes its float32 copy out for the sum anyway
-    (its fused reductions take no float16 convert), and the branch then takes
-    that copy rather than making its own (label smoothing held both: 64 MiB
-    against 32 at 8192 x 1024). Elsewhere, and for small inputs, it always
-    runs, next to the sum.
+    masked, cast logits would otherwise be written out. Unmasked float16 rows
+    reduced whole are the exception: XLA:CPU writes their float32 copy out for
+    the sum anyway (its fused reductions take no float16 convert), and the
+    branch then takes that copy rather than making its own (label smoothing
+    held both: 64 MiB against 32 at 8192 x 1024). The copy of rows reduced in
+    blocks is not shared so: a float32 operand there doubled the memory and
+    cost 1.5-1.6x the time (integer labels, 64 x 131072). Elsewhere, and for
+    small inputs, it always runs, next to the sum.
     """
 
     def with_count(is_inf, m, s):
@@ -179,7 +181,7 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
         return s
 
     def when_needed(x, mask, m, s):
-        if x.dtype == jnp.float16 and mask is None:
+        if x.dtype == jnp.float16 and mask is None and _reduced_whole(x, axes, dtype):
             x = x.astype(dtype)
         return lax.cond(jnp.any(m == jnp.inf), count_infinite, keep, x, mask, m, s)
 
@@ -281,10 +283,15 @@ def _by_row_length(x, mask, axes: tuple[int, ...], dtype, whole, by_blocks):
     Off XLA:CPU rows are reduced whole: a GPU's reductions do not slow down on
     long rows, and the blocks' extra pass made them slower there.
     """
-    block = None if split_along(x, axes) else _block_size(x.shape, dtype, axes)
-    if block is None:
+    if _reduced_whole(x, axes, dtype):
         return whole(x, mask)
+    block = _block_size(x.shape, dtype, axes)
     return by_backend(x, mask, cpu=functools.partial(by_blocks, block=block), other=whole)
+
+
+def _reduced_whole(x: jax.Array, axes: tuple[int, ...], dtype) -> bool:
+    """Whether ``_by_row_length`` reduces the rows of ``x`` whole on XLA:CPU (not in blocks)."""
+    return split_along(x, axes) or _block_size(x.shape, dtype, axes) is None
 
 
 def _max_and_sum_by_blocks(x, mask, axes: tuple[int, ...], block: int, dtype, clamp=False):
