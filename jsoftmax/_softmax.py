@@ -33,19 +33,20 @@ def _prepare(
 # --- softmax -------------------------------------------------------------------
 
 
-# The forward rules call the plain ``*_value`` functions, never the custom_vjp
-# function itself, so that forward mode over the reverse pass (jax.hessian) works.
+# The forward rules compute the values themselves, never calling the custom_vjp
+# function, so that forward mode over the reverse pass (jax.hessian) works. The
+# primal functions run only when not differentiated (``value_only``).
 
 
 def _softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    return _stable.softmax_of(x, mask, axes, compute_dtype(x.dtype)).astype(x.dtype)
+    return _stable.softmax_of(x, mask, axes, compute_dtype(x.dtype), value_only=True)
 
 
 _softmax = jax.custom_vjp(_softmax_value, nondiff_argnums=(2,))
 
 
 def _softmax_fwd(x, mask, axes):
-    probs = _softmax_value(x, mask, axes)
+    probs = _stable.softmax_of(x, mask, axes, compute_dtype(x.dtype))
     return probs, probs
 
 
@@ -105,14 +106,14 @@ def softmax(x: ArrayLike, axis: Axis | None = -1, where: ArrayLike | None = None
 
 
 def _log_softmax_value(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
-    return _stable.log_softmax_of(x, mask, axes, compute_dtype(x.dtype)).astype(x.dtype)
+    return _stable.log_softmax_of(x, mask, axes, compute_dtype(x.dtype), value_only=True)
 
 
 _log_softmax = jax.custom_vjp(_log_softmax_value, nondiff_argnums=(2,))
 
 
 def _log_softmax_fwd(x, mask, axes):
-    out = _log_softmax_value(x, mask, axes)
+    out = _stable.log_softmax_of(x, mask, axes, compute_dtype(x.dtype))
     return out, (out, mask)
 
 

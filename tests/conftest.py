@@ -24,8 +24,9 @@ def backend_forms(request, monkeypatch):
     ``_stable.by_backend`` picks XLA:CPU's or the other backends' form of a
     computation when lowering; forcing the latter runs the GPU code here, so a CPU
     machine tests both. XLA:CPU also takes the other forms for inputs of a few
-    thousand elements, as most tests' are; "this backend" takes its own forms at
-    every size, so that they are tested on small inputs too.
+    thousand elements, as most tests' are, and softmax's 16-bit branch is only for
+    large inputs; "this backend" takes its own forms at every size, so that they
+    are tested on small inputs too.
     """
     from jsoftmax import _stable
 
@@ -33,6 +34,7 @@ def backend_forms(request, monkeypatch):
         monkeypatch.setattr(_stable, "by_backend", lambda *args, cpu, other: other(*args))
     else:
         monkeypatch.setattr(_stable, "_BRANCH_FREE_ELEMENTS", 0)
+        monkeypatch.setattr(_stable, "_FEWEST_BRANCHING_ELEMENTS", 0)
     jax.clear_caches()
     yield request.param
     jax.clear_caches()

@@ -1,6 +1,7 @@
 """softmax, log_softmax and logsumexp against float64 references and closed forms."""
 
 import contextlib
+import functools
 import io
 import math
 
@@ -514,3 +515,88 @@ def test_edge_rows_under_vmap_match_the_unbatched_call(backend_forms, name):
         np.testing.assert_allclose(whole, np.array(expected, np.float64), rtol=1e-6)
     single = fn(np.array([[-inf], [2.0]], np.float32))
     assert not np.any(np.isnan(single))
+
+
+# --- the 16-bit value behind a branch on XLA:CPU ---------------------------------
+
+# 2**20 elements of rows of 512: large enough for the branching form on XLA:CPU.
+BRANCHING_SHAPE = (2048, 512)
+
+
+def _edge_rows(dtype, rng, plus_inf: bool):
+    """Random 16-bit logits whose first rows are the edge cases (``+inf`` ones or not)."""
+    x = rng.standard_normal(BRANCHING_SHAPE) * 3
+    inf, nan, largest = np.inf, np.nan, float(jnp.finfo(dtype).max)
+    x[0] = -inf  # empty
+    x[1, [3, 100]] = inf  # two +inf share the probability
+    x[2, 7] = nan
+    x[3, [0, 1]] = [nan, inf]  # NaN beside +inf stays NaN
+    x[4, [5, 6]] = [largest, inf]  # the largest finite value takes no share of +inf's
+    x[5, :] = -largest
+    x[6, 9] = largest  # a huge logit beside ordinary ones
+    x[7, 10] = -inf
+    if not plus_inf:  # every row takes the plain form
+        x[x == inf] = 1.0
+    return x.astype(dtype)
+
+
+def _branches_on_cpu(fn, *args) -> bool:
+    return "conditional(" in jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the branch is XLA:CPU's")
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("batched", [False, True], ids=["jit", "vmap"])
+@pytest.mark.parametrize("plus_inf", [True, False], ids=["clamped", "plain"])
+def test_16_bit_values_behind_the_branch_take_their_limits(name, dtype, batched, plus_inf, rng):
+    """The branching form (16-bit, value only, large inputs of short rows) at the edge rows.
+
+    With a ``+inf`` somewhere the clamped branch runs, otherwise the plain one.
+    """
+    x = _edge_rows(dtype, rng, plus_inf)
+    fn = jsoftmax_function(name)
+    if batched:  # two copies of the input, vmapped: still one branch, and the same values
+        xs = np.stack([x, x[::-1]])
+        assert _branches_on_cpu(jax.vmap(fn), xs)
+        out = np.asarray(jax.jit(jax.vmap(fn))(xs), np.float64)
+        np.testing.assert_array_equal(out[1], out[0][::-1])
+        out = out[0]
+    else:
+        assert _branches_on_cpu(fn, x)
+        out = np.asarray(jax.jit(fn)(x), np.float64)
+    limits = ref.row_limits(x, np.ones(x.shape, bool))
+    expected = limits.probabilities if name == "softmax" else limits.log_probabilities
+    if name == "log_softmax":
+        # as documented: a finite entry beside +inf gets x - (largest float32), not -inf
+        beside_inf = ((limits.num_infinite > 0) & ~limits.has_nan)[:, None]
+        with np.errstate(over="ignore"):  # float16's -inf
+            shifted = (to_float(x) - float(np.finfo(np.float32).max)).astype(dtype)
+        expected = np.where(beside_inf & np.isfinite(to_float(x)), shifted, expected)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(out), np.isinf(expected))
+    ok = np.isfinite(expected)
+    rtol = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-10  # an ulp of the output
+    atol = float(jnp.finfo(dtype).smallest_subnormal)  # float16's tiny probabilities
+    np.testing.assert_allclose(out[ok], expected[ok], rtol=rtol, atol=atol)
+
+
+def to_float(x):
+    return np.asarray(x, np.float64)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the branch is XLA:CPU's")
+def test_only_large_16_bit_values_of_short_rows_branch():
+    def shaped(shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    for fn in (jsoftmax.softmax, jsoftmax.log_softmax):
+        assert _branches_on_cpu(fn, shaped((2048, 512)))
+        assert _branches_on_cpu(fn, shaped((512, 2048), jnp.float16))
+        assert not _branches_on_cpu(fn, shaped((2048, 512), jnp.float32))  # clamp costs ~3%
+        assert not _branches_on_cpu(fn, shaped((1024, 512)))  # per call, the branch costs more
+        assert not _branches_on_cpu(fn, shaped((256, 4096)))  # rows too long for one loop
+        masked = functools.partial(fn, where=jnp.ones((2048, 512), bool))
+        assert not _branches_on_cpu(masked, shaped((2048, 512)))  # both passes would read it
+        gradient = jax.grad(lambda x, fn=fn: jnp.sum(fn(x).astype(jnp.float32)))
+        assert not _branches_on_cpu(gradient, shaped((2048, 512)))
