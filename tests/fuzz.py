@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         _stable.by_backend = lambda *arrays, cpu, other: other(*arrays)
     elif args.forms == "cpu":
         _stable._BRANCH_FREE_ELEMENTS = 0
+        _stable._FEWEST_BRANCHING_ELEMENTS = 0
     found = 0
     many_rows = args.forms != "other" and not args.one_row
     for line in mismatches_found(args.seed, args.cases, args.long_rows, many_rows, args.one_row):
