@@ -460,7 +460,8 @@ def _rows_shifted(
     elementwise function of the row (its sums along ``axes``, the output
     dtype), which XLA fuses with the maximum into one loop.
 
-    ``may_branch``: not under a gradient, so ``_clamp_if_needed`` may compute it.
+    ``may_branch`` (not under a gradient): inputs where it pays
+    (``_branch_pays``) take ``_clamp_if_needed``, the same values faster.
     """
     if may_branch and _branch_pays(x, mask, axes, dtype):
         return _clamp_if_needed(finish, axes, dtype, x)
@@ -468,6 +469,7 @@ def _rows_shifted(
 
 
 def _clamped_rows(finish, axes: tuple[int, ...], dtype, x: jax.Array, mask: jax.Array | None):
+    """``_rows_shifted`` branch-free: every entry clamped."""
     xm = _clamped_in(x, mask, dtype)
     return finish(xm - row_max(xm, axes), axes)
 
