@@ -571,18 +571,14 @@ def test_16_bit_values_behind_the_branch_take_their_limits(name, dtype, batched,
         # as documented: a finite entry beside +inf gets x - (largest float32), not -inf
         beside_inf = ((limits.num_infinite > 0) & ~limits.has_nan)[:, None]
         with np.errstate(over="ignore"):  # float16's -inf
-            shifted = (to_float(x) - float(np.finfo(np.float32).max)).astype(dtype)
-        expected = np.where(beside_inf & np.isfinite(to_float(x)), shifted, expected)
+            shifted = (ref.to64(x) - float(np.finfo(np.float32).max)).astype(dtype)
+        expected = np.where(beside_inf & np.isfinite(ref.to64(x)), shifted, expected)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
     np.testing.assert_array_equal(np.isinf(out), np.isinf(expected))
     ok = np.isfinite(expected)
     rtol = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-10  # an ulp of the output
     atol = float(jnp.finfo(dtype).smallest_subnormal)  # float16's tiny probabilities
     np.testing.assert_allclose(out[ok], expected[ok], rtol=rtol, atol=atol)
-
-
-def to_float(x):
-    return np.asarray(x, np.float64)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the branch is XLA:CPU's")
