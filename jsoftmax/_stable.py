@@ -186,7 +186,7 @@ def _count_infinite_if_any(x, mask, dtype, m, s, axes):
         return s
 
     def when_needed(x, mask, m, s):
-        if x.dtype == jnp.float16 and mask is None and _reduced_whole(x, axes, dtype):
+        if x.dtype == jnp.float16 and mask is None and _cpu_block(x, axes, dtype) is None:
             x = x.astype(dtype)
         return lax.cond(jnp.any(m == jnp.inf), count_infinite, keep, x, mask, m, s)
 
@@ -288,15 +288,15 @@ def _by_row_length(x, mask, axes: tuple[int, ...], dtype, whole, by_blocks):
     Off XLA:CPU rows are reduced whole: a GPU's reductions do not slow down on
     long rows, and the blocks' extra pass made them slower there.
     """
-    if _reduced_whole(x, axes, dtype):
+    block = _cpu_block(x, axes, dtype)
+    if block is None:
         return whole(x, mask)
-    block = _block_size(x.shape, dtype, axes)
     return by_backend(x, mask, cpu=functools.partial(by_blocks, block=block), other=whole)
 
 
-def _reduced_whole(x: jax.Array, axes: tuple[int, ...], dtype) -> bool:
-    """Whether ``_by_row_length`` reduces the rows of ``x`` whole on XLA:CPU (not in blocks)."""
-    return split_along(x, axes) or _block_size(x.shape, dtype, axes) is None
+def _cpu_block(x: jax.Array, axes: tuple[int, ...], dtype) -> int | None:
+    """The block length XLA:CPU reduces the rows of ``x`` in, or None where they are whole."""
+    return None if split_along(x, axes) else _block_size(x.shape, dtype, axes)
 
 
 def _max_and_sum_by_blocks(x, mask, axes: tuple[int, ...], block: int, dtype, clamp=False):
