@@ -597,6 +597,38 @@ def test_float16_gradient_keeps_its_precision_under_a_small_cotangent(rng, n, re
     assert ref.rel_err(dw, dw64) < 8e-4
 
 
+@pytest.mark.parametrize(
+    "n,reduction,cotangent",
+    [
+        (1000, "mean", None),
+        (1024, "none", 2.0**-100),
+        (1024, "none", "mixed"),
+        (1024, "sum", 2.0**-100),
+    ],
+)
+def test_bfloat16_gradient_needs_no_scale(rng, n, reduction, cotangent):
+    """bfloat16 has float32's range: its tile is weighted before the rounding, unscaled.
+
+    A mean over a count that is no power of 2, or cotangents down to 2**-120, keep
+    the precision a unit cotangent gets from the tile's bfloat16 rounding (3e-3 here).
+    """
+    x, w, _, labels = problem(rng, (n,), 16, 1000, bias=False)
+    xh, wh = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    if cotangent == "mixed":
+        cotangent = 2.0 ** rng.integers(-120, -2, n)
+    elif reduction == "none":
+        cotangent = np.full(n, cotangent)
+    _, (dx, dw, _) = grads_of(
+        fused, xh, wh, None, labels, cotangent=cotangent, reduction=reduction, chunk_size=128
+    )
+    rounded = [np.asarray(a.astype(jnp.float32)) for a in (xh, wh)]
+    _, dx64, dw64, _ = ref.linear_cross_entropy(
+        *rounded, labels, cotangent=cotangent, reduction=reduction
+    )
+    assert ref.rel_err(dx, dx64) < 5e-3
+    assert ref.rel_err(dw, dw64) < 5e-3
+
+
 def test_mixed_input_dtypes(rng):
     x, w, b, labels = problem(rng, (9,), 8, 30)
     value, (dx, dw) = jax.value_and_grad(lambda x, w: fused(x, w, labels, b), argnums=(0, 1))(
