@@ -488,7 +488,7 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         x_c = lax.dynamic_slice_in_dim(x, start, chunk)
         y_c = lax.dynamic_slice_in_dim(y, start, chunk)
         coef_c = lax.dynamic_slice_in_dim(coef, start, chunk)
-        z = _logit_tile(cfg, x_c, w, b, acc)
+        z = _logit_tile(cfg, x_c, w, b, acc, in_place=True)
         logit_mean = _logit_mean(cfg, z)
         z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
         row, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_mean, coef_c)
