@@ -564,58 +564,37 @@ def test_half_precision_inputs(rng, dtype):
     assert ref.rel_err(db, db64) < tol
 
 
-@pytest.mark.parametrize(
-    "n,reduction,cotangent",
-    [
-        (4096, "mean", None),
-        (1024, "none", 2.0**-12),
-        (1024, "none", "mixed"),
-        (1024, "sum", 2.0**-12),
-    ],
-)
-def test_float16_gradient_keeps_its_precision_under_a_small_cotangent(rng, n, reduction, cotangent):
-    """The 1/count of a mean (or a small cotangent) must not push the float16 tile to subnormals.
+# (dtype, n, reduction, cotangent): float16 near its subnormals (below 6e-5), bfloat16
+# down to 2**-120, which has float32's range; "mixed" spans eleven or more binades.
+SMALL_COTANGENTS = [
+    (jnp.float16, 4096, "mean", None),
+    (jnp.float16, 1024, "none", 2.0**-12),
+    (jnp.float16, 1024, "none", "mixed"),
+    (jnp.float16, 1024, "sum", 2.0**-12),
+    (jnp.bfloat16, 1000, "mean", None),
+    (jnp.bfloat16, 1024, "none", 2.0**-100),
+    (jnp.bfloat16, 1024, "none", "mixed"),
+    (jnp.bfloat16, 1024, "sum", 2.0**-100),
+]
 
-    The error allowed is what a unit cotangent gets from the tile's own float16
-    rounding (about 5e-4 here). Weighted before that rounding, the tile's entries
-    near 1e-6 kept a few bits: 2.5e-3 for "none", 1.1e-3 for the mean.
+
+@pytest.mark.parametrize("dtype,n,reduction,cotangent", SMALL_COTANGENTS)
+def test_16_bit_gradient_keeps_its_precision_under_a_small_cotangent(
+    rng, dtype, n, reduction, cotangent
+):
+    """The 1/count of a mean (or a small cotangent) must not push the tile to subnormals.
+
+    The error allowed is what a unit cotangent gets from the tile's own rounding
+    (about 5e-4 in float16, 3e-3 in bfloat16). float16's tile is weighted
+    relative to the chunk's largest cotangent: weighted before that rounding,
+    its entries near 1e-6 kept a few bits (2.5e-3 for "none", 1.1e-3 for the
+    mean). bfloat16's is weighted before the rounding, unscaled.
     """
     x, w, _, labels = problem(rng, (n,), 16, 1000, bias=False)
-    xh, wh = jnp.asarray(x, jnp.float16), jnp.asarray(w, jnp.float16)
-    if cotangent == "mixed":  # per-example weights over eleven binades
-        cotangent = 2.0 ** rng.integers(-14, -2, n)
-    elif reduction == "none":
-        cotangent = np.full(n, cotangent)
-    _, (dx, dw, _) = grads_of(
-        fused, xh, wh, None, labels, cotangent=cotangent, reduction=reduction, chunk_size=128
-    )
-    rounded = [np.asarray(a.astype(jnp.float32)) for a in (xh, wh)]
-    _, dx64, dw64, _ = ref.linear_cross_entropy(
-        *rounded, labels, cotangent=cotangent, reduction=reduction
-    )
-    assert ref.rel_err(dx, dx64) < 8e-4
-    assert ref.rel_err(dw, dw64) < 8e-4
-
-
-@pytest.mark.parametrize(
-    "n,reduction,cotangent",
-    [
-        (1000, "mean", None),
-        (1024, "none", 2.0**-100),
-        (1024, "none", "mixed"),
-        (1024, "sum", 2.0**-100),
-    ],
-)
-def test_bfloat16_gradient_needs_no_scale(rng, n, reduction, cotangent):
-    """bfloat16 has float32's range: its tile is weighted before the rounding, unscaled.
-
-    A mean over a count that is no power of 2, or cotangents down to 2**-120, keep
-    the precision a unit cotangent gets from the tile's bfloat16 rounding (3e-3 here).
-    """
-    x, w, _, labels = problem(rng, (n,), 16, 1000, bias=False)
-    xh, wh = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    xh, wh = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
     if cotangent == "mixed":
-        cotangent = 2.0 ** rng.integers(-120, -2, n)
+        lowest = -14 if dtype == jnp.float16 else -120
+        cotangent = 2.0 ** rng.integers(lowest, -2, n)
     elif reduction == "none":
         cotangent = np.full(n, cotangent)
     _, (dx, dw, _) = grads_of(
@@ -625,8 +604,9 @@ def test_bfloat16_gradient_needs_no_scale(rng, n, reduction, cotangent):
     _, dx64, dw64, _ = ref.linear_cross_entropy(
         *rounded, labels, cotangent=cotangent, reduction=reduction
     )
-    assert ref.rel_err(dx, dx64) < 5e-3
-    assert ref.rel_err(dw, dw64) < 5e-3
+    tol = 8e-4 if dtype == jnp.float16 else 5e-3
+    assert ref.rel_err(dx, dx64) < tol
+    assert ref.rel_err(dw, dw64) < tol
 
 
 def test_mixed_input_dtypes(rng):
