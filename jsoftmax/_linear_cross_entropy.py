@@ -200,22 +200,19 @@ def _capped(cfg: _Config, z):
     return z if cfg.softcap is None else cfg.softcap * jnp.tanh(z / cfg.softcap)
 
 
-def _logit_tile(cfg: _Config, x_c, w, b, acc, in_place: bool = False):
+def _logit_tile(cfg: _Config, x_c, w, b, acc):
     """The (soft-capped) logits of one chunk of rows, ``[chunk, C]`` in ``acc``.
 
-    ``in_place``: off XLA:CPU the soft-cap is written over the matmul's result
+    Off XLA:CPU the soft-cap is written over the matmul's result
     (``_over_the_tile``), where XLA would hold the capped tile beside it.
     """
     z = _dot(x_c, w, 1, 0, acc)
     if b is not None:
         z = z + b[None, :]
-    if in_place and cfg.softcap is not None:
-        return _stable.by_backend(
-            z,
-            cpu=partial(_capped, cfg),
-            other=lambda z: _over_the_tile(partial(_capped, cfg), z),
-        )
-    return _capped(cfg, z)
+    if cfg.softcap is None:
+        return z
+    cap = partial(_capped, cfg)
+    return _stable.by_backend(z, cpu=cap, other=lambda z: _over_the_tile(cap, z))
 
 
 def _label_logit(cfg: _Config, x_c, w, b, y_c, acc):
@@ -488,7 +485,7 @@ def _loss_pass(cfg: _Config, x, w, b, y, coef):
         x_c = lax.dynamic_slice_in_dim(x, start, chunk)
         y_c = lax.dynamic_slice_in_dim(y, start, chunk)
         coef_c = lax.dynamic_slice_in_dim(coef, start, chunk)
-        z = _logit_tile(cfg, x_c, w, b, acc, in_place=True)
+        z = _logit_tile(cfg, x_c, w, b, acc)
         logit_mean = _logit_mean(cfg, z)
         z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
         row, (m, log_sum), _ = _row_loss(cfg, z, z_y, logit_mean, coef_c)
@@ -548,7 +545,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
         coef_c = lax.dynamic_slice_in_dim(coef, start, chunk)
         if fresh is not None:
             coef_c = jnp.where(fresh, coef_c, jnp.zeros((), acc))
-        z = _logit_tile(cfg, x_c, w, b, acc, in_place=True)
+        z = _logit_tile(cfg, x_c, w, b, acc)
         if want_loss:
             logit_mean = _logit_mean(cfg, z)
             z_y = _label_logit(cfg, x_c, w, b, y_c, acc)
