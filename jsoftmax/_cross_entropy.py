@@ -442,13 +442,42 @@ def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
     loss = 2 * _weighted_sum(target, _stable.safe_log_s(log_s) * 0.5 - half_gap, axes)
     if row_scale is not None:
         loss = loss * row_scale
-    if z_loss:
-        # The logsumexp by a chain of its own, which XLA:GPU fuses with this one;
-        # half_max or log_s used here would split it. A +inf entry makes it +inf.
-        shift = _stable.shift_of(_stable.row_max(x, axes))
-        lse = shift + jnp.log(jnp.sum(jnp.exp(x - shift), axis=axes, keepdims=True))
-        loss = loss + _stable.z_loss_term(z_loss, lse, z_scale)
-    return loss, log_s
+    return _with_z_loss(loss, x, axes, z_loss, z_scale), log_s
+
+
+def _with_z_loss(loss, x, axes, z_loss: float, z_scale):
+    """``loss`` plus the z-loss term for a chain, its ``lse`` by a chain of its own.
+
+    XLA:GPU fuses it with the loss's chain; the loss's ``half_max`` or ``log_s``
+    used here would split that. A ``+inf`` entry makes it ``+inf``.
+    """
+    if not z_loss:
+        return loss
+    shift = _stable.shift_of(_stable.row_max(x, axes))
+    lse = shift + jnp.log(jnp.sum(jnp.exp(x - shift), axis=axes, keepdims=True))
+    return loss + _stable.z_loss_term(z_loss, lse, z_scale)
+
+
+def _label_loss_chain(x, is_label, label_coefficient, axes, z_loss: float, z_scale=None):
+    """``_loss_chain`` for a target that is the label's coefficient at the label alone.
+
+    The label's half logit is a sum over the row (of it and zeros, exact) that
+    needs no earlier result, so XLA:GPU reads it in the same pass as the sum of
+    exponentials: two passes over the logits and a per-row kernel, where
+    ``_loss_chain`` is one kernel of three passes. Which is faster depends on
+    the rows (``_label_pass_first``). The label's gap follows ``_loss_chain``'s
+    rules (1 for a ``+inf`` label, ``-inf`` for a ``-inf`` one).
+    """
+    half_x = x * 0.5
+    half_label = jnp.sum(
+        jnp.where(is_label, half_x, jnp.zeros_like(half_x)), axis=axes, keepdims=True
+    )
+    half_max = _stable.row_max(half_x, axes)
+    half_gap = jnp.where(half_x == jnp.inf, jnp.ones_like(half_x), half_x - half_max)
+    log_s = jnp.log(jnp.sum(jnp.exp(half_gap * 2), axis=axes, keepdims=True))
+    label_gap = jnp.where(half_label == jnp.inf, jnp.ones_like(half_label), half_label - half_max)
+    loss = 2 * _weighted_sum(label_coefficient, _stable.safe_log_s(log_s) * 0.5 - label_gap, axes)
+    return _with_z_loss(loss, x, axes, z_loss, z_scale), log_s
 
 
 # XLA:GPU (jaxlib 0.10.2, compiled for an H100) runs ``_loss_chain`` as one kernel for
@@ -456,6 +485,26 @@ def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
 # its third pass over the logits then makes more kernels than the integer-label
 # loss's own two reductions (9 against 6 at 32k classes).
 _CHAIN_MAX_CLASSES = 16384
+
+
+# On an H100 (jax 0.11.2) the one kernel of _loss_chain re-reads short rows from memory
+# for each of its three reductions once the logits outgrow the L2 cache (50 MB):
+# integer labels at 1024 classes took 1.23-1.36x optax's time from 64 MiB of logits,
+# _label_loss_chain 0.99-1.01. With 4096 classes or more, or in the cache, the one
+# kernel was the faster (0.6-1.03x; _label_loss_chain 1.0-1.13x), except at 1024
+# classes and 16 MiB (1.41 against 1.06). benchmarks/RESULTS.md has the sweep.
+_LABEL_FIRST_MAX_CLASSES = 2048
+_LABEL_FIRST_MIN_BYTES = 64 * 2**20
+
+
+def _label_pass_first(logits, axes) -> bool:
+    """Whether the integer-label chain takes ``_label_loss_chain`` (short rows, many of them)."""
+    num_classes = class_count(logits.shape, axes)
+    return (
+        known_sizes(logits.size)
+        and num_classes <= _LABEL_FIRST_MAX_CLASSES
+        and logits.size * logits.dtype.itemsize >= _LABEL_FIRST_MIN_BYTES
+    )
 
 
 def _one_kernel(logits, axes) -> bool:
@@ -837,7 +886,7 @@ def _integer_loss_from_stats(
 
 
 def _integer_loss_chain(weights, loss_scale, config, parts):
-    """Per-row integer-label losses and ``log_s`` (keepdims) by ``_loss_chain``, no logit mask.
+    """Per-row integer-label losses and ``log_s`` (keepdims) by a chain, no logit mask.
 
     The target of each logit is the label's coefficient at the label and the
     smoothing's share (times the class weight) everywhere.
@@ -845,8 +894,12 @@ def _integer_loss_chain(weights, loss_scale, config, parts):
     x = parts.x
     label_coefficient = (1 - config.label_smoothing) * parts.label_weight
     is_label = _is_label(x, parts.label_index, config.axes)
-    target = jnp.where(is_label, label_coefficient, jnp.zeros((), x.dtype))
     smoothing = _smoothing_parts(parts.xm, None, weights, loss_scale, config)
+    if smoothing is None and _label_pass_first(x, config.axes):
+        return _label_loss_chain(
+            x, is_label, label_coefficient, config.axes, config.z_loss, loss_scale
+        )
+    target = jnp.where(is_label, label_coefficient, jnp.zeros((), x.dtype))
     if smoothing is not None:
         share, class_weight, _ = smoothing
         target = target + share * class_weight

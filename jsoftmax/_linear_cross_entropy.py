@@ -43,8 +43,7 @@ With 16-bit inputs the gradient tile is rounded to the input dtype for its two
 matmuls (float32 accumulation). For float16 it is weighted relative to the
 chunk's largest cotangent and the matmul results are scaled back in float32, so
 a mean's ``1 / count`` does not turn its small entries into float16 subnormals;
-bfloat16 has float32's range and needs no scale, so that ``dw`` accumulates
-its matmul in place (on a GPU, cuBLAS adds into it).
+bfloat16 has float32's range and needs no scale.
 
 Only the gradients of the inputs that are differentiated are computed (the
 custom VJP uses symbolic zeros), so a frozen ``w`` costs no ``dw`` matmul.
@@ -57,12 +56,10 @@ against 512 MiB for optax on ``x @ w``; 32 MiB of it is the one logit tile, so
 the scalar-loss sweep XLA:CPU keeps a second tile-sized buffer (64.5 MiB there).
 16-bit inputs accumulate ``dw`` in float32 (and XLA:CPU upcasts ``w`` for its
 matmuls), so they need about ``2 * D * C * 4`` bytes more.
-On a GPU (measured on an H100) XLA kept the logit tile and the gradient tile
-apart and added cuBLAS workspace: 72.5 MiB at the default chunk there (1/7.1 of
-optax's), at 1.6-1.8x its time; larger chunks trade memory for time (512 rows:
-1/4, 1.45x). Off XLA:CPU the gradient tile is now written over the logit tile
-in parts (``_over_the_tile``): compiled offline for an H100 with cuBLAS GEMMs,
-37 MiB instead of 64.5 (not yet measured on a device). See
+On a GPU (measured on an H100, jax 0.11.2) it holds 72.5 MiB at the default
+chunk (1/7.1 of optax's): the tile, the 32 MiB workspace XLA gives each cuBLAS
+call on Hopper, and the split-K partials of the ``dx`` matmul; at 1.75x optax's
+time (larger chunks trade memory for time: 512 rows, 1/4 and 1.43x). See
 ``benchmarks/RESULTS.md``.
 """
 
@@ -108,10 +105,6 @@ _MIN_CHUNK = 8
 _MAX_CHUNK = 8192
 # Bytes of one float32 [D, block] slab of the dw update that the class block aims for.
 _BLOCK_BYTES = 2 * 2**20
-# Off XLA:CPU, the gradient tile is computed in place of the logit tile in parts of at
-# most _PART_BYTES, and at most _MOST_PARTS of them (a kernel each).
-_PART_BYTES = 8 * 2**20
-_MOST_PARTS = 16
 
 
 def default_chunk_size(n: int, d: int, c: int) -> int:
@@ -201,18 +194,11 @@ def _capped(cfg: _Config, z):
 
 
 def _logit_tile(cfg: _Config, x_c, w, b, acc):
-    """The (soft-capped) logits of one chunk of rows, ``[chunk, C]`` in ``acc``.
-
-    Off XLA:CPU the soft-cap is written over the matmul's result
-    (``_over_the_tile``), where XLA would hold the capped tile beside it.
-    """
+    """The (soft-capped) logits of one chunk of rows, ``[chunk, C]`` in ``acc``."""
     z = _dot(x_c, w, 1, 0, acc)
     if b is not None:
         z = z + b[None, :]
-    if cfg.softcap is None:
-        return z
-    cap = partial(_capped, cfg)
-    return _stable.by_backend(z, cpu=cap, other=lambda z: _over_the_tile(cap, z))
+    return _capped(cfg, z)
 
 
 def _label_logit(cfg: _Config, x_c, w, b, y_c, acc):
@@ -344,37 +330,6 @@ def _grad_tile(cfg: _Config, z, probs, stats, y_c, coef):
     return jnp.where(taking_part[:, None], g, jnp.zeros((), p.dtype))
 
 
-def _grad_tile_of(cfg: _Config, z, m, log_sum, y_c, coef):
-    """``_grad_tile``, its probabilities made from the tile and the rows' statistics."""
-    return _grad_tile(cfg, z, _probabilities(z, m, log_sum), (m, log_sum), y_c, coef)
-
-
-def _over_the_tile(rows_of, tile, *per_row):
-    """``rows_of(tile, *per_row)``, a tile-shaped value computed row by row, written over ``tile``.
-
-    For GPU and TPU. There XLA gives the gradient tile a buffer of its own
-    beside the logit tile it is computed from (a matmul's result): two tiles
-    (64.5 MiB at the benchmark's shape, compiled for an H100 with cuBLAS
-    GEMMs). A ``dynamic_update_slice`` writes into its operand's buffer, so the
-    rows are computed in parts of about ``_PART_BYTES``, each read from the
-    tile and written back over it: 37 MiB there. XLA sometimes leaves a part's
-    arithmetic in a kernel of its own, which then costs one part, not a tile.
-    XLA:CPU already reuses the buffer and keeps the one pass.
-    """
-    rows = tile.shape[0]
-    if not known_sizes(*tile.shape):
-        return rows_of(tile, *per_row)
-    parts = min(-(-tile.size * tile.dtype.itemsize // _PART_BYTES), rows, _MOST_PARTS)
-    if parts < 2:
-        return rows_of(tile, *per_row)
-    bounds = [rows * k // parts for k in range(parts + 1)]
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        part = lax.slice_in_dim(tile, start, stop)
-        values = rows_of(part, *(lax.slice_in_dim(v, start, stop) for v in per_row))
-        tile = lax.dynamic_update_slice_in_dim(tile, values, start, 0)
-    return tile
-
-
 def _tile_scale(coef_c):
     """The largest finite ``|coef_i|`` of a chunk (1 if none is nonzero).
 
@@ -383,8 +338,7 @@ def _tile_scale(coef_c):
     become subnormals; weighted by ``coef / scale`` (exactly 1 for a mean) they
     keep float16's full precision, and the matmul results, accumulated in
     float32, are multiplied by the scale. Not for bfloat16, which has float32's
-    range: there the scale only kept XLA:GPU from accumulating ``dw`` in place
-    (148 instead of 84 MiB compiled offline for an H100, at the benchmark's shape).
+    range and needs none.
     """
     size = jnp.max(jnp.where(jnp.isfinite(coef_c), jnp.abs(coef_c), jnp.zeros((), coef_c.dtype)))
     return jnp.where(size > 0, size, jnp.ones((), coef_c.dtype))
@@ -558,15 +512,7 @@ def _grad_pass(cfg: _Config, x, w, b, y, coef, stats_saved, need_x, need_w, need
             probs = _probabilities(z, *stats)
         g_scale = _tile_scale(coef_c) if x.dtype == jnp.float16 else None
         coef_g = coef_c if g_scale is None else coef_c / g_scale
-        g = _stable.by_backend(
-            z,
-            probs,
-            *stats,
-            y_c,
-            coef_g,
-            cpu=lambda z, probs, m, log_sum, *rest: _grad_tile(cfg, z, probs, (m, log_sum), *rest),
-            other=lambda z, _, *per_row: _over_the_tile(partial(_grad_tile_of, cfg), z, *per_row),
-        )
+        g = _grad_tile(cfg, z, probs, stats, y_c, coef_g)
         if db is not None:
             db = db + _scaled(jnp.sum(g, axis=0), g_scale)
         g_mm = g.astype(x.dtype)

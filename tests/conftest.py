@@ -28,13 +28,10 @@ def backend_forms(request, monkeypatch):
     large inputs; "this backend" takes its own forms at every size, so that they
     are tested on small inputs too.
     """
-    from jsoftmax import _linear_cross_entropy, _stable
+    from jsoftmax import _stable
 
     if request.param == "other backends":
         monkeypatch.setattr(_stable, "by_backend", lambda *args, cpu, other: other(*args))
-        # The fused loss's gradient tile is made in parts only above 8 MiB; split the
-        # tests' small tiles too (unevenly, up to 16 parts).
-        monkeypatch.setattr(_linear_cross_entropy, "_PART_BYTES", 1000)
     else:
         monkeypatch.setattr(_stable, "_BRANCH_FREE_ELEMENTS", 0)
         monkeypatch.setattr(_stable, "_FEWEST_BRANCHING_ELEMENTS", 0)

@@ -1418,3 +1418,80 @@ def test_z_loss_gradient_at_plus_inf_logit_is_its_limit(backend_forms, loss_fn):
     np.testing.assert_array_equal(grad[0], [-np.inf, 0.0, 0.0])
     (grad,) = vjp(jnp.array([0.0, 1.0]))  # a zero cotangent: zero gradient, not NaN
     np.testing.assert_array_equal(grad[0], 0.0)
+
+
+@pytest.mark.parametrize("label_first", [False, True])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_integer_label_chains_of_the_other_backends(
+    monkeypatch, rng, label_first, z_loss, weighted
+):
+    """Both GPU/TPU forms of the integer-label value (three passes in one kernel, or the
+    label read in the first pass), at the limits of each edge row, against float64.
+
+    Row 0 has a -inf label logit, row 1 only -inf (no loss), row 2 a NaN, row 3 a
+    +inf label logit, row 4 a +inf logit off the label, row 5 two +inf logits one
+    of them the label's (log 2), row 6 logits of +-1e30 and row 7 an ignored label.
+    """
+    from jsoftmax import _cross_entropy, _stable
+
+    monkeypatch.setattr(_stable, "by_backend", lambda *args, cpu, other: other(*args))
+    monkeypatch.setattr(_cross_entropy, "_LABEL_FIRST_MIN_BYTES", 0 if label_first else 2**62)
+    jax.clear_caches()
+    n, c = 64, 9
+    x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+    assert _cross_entropy._label_pass_first(x, (1,)) == label_first
+    labels = rng.integers(0, c, n)
+    weights = rng.uniform(0.2, 2.0, c).astype(np.float32) if weighted else np.ones(c, np.float32)
+    x[0, labels[0]] = -np.inf
+    x[1] = -np.inf
+    x[2, 4] = np.nan
+    x[3, labels[3]] = np.inf
+    x[4, (labels[4] + 1) % c] = np.inf
+    x[5, labels[5]] = x[5, (labels[5] + 2) % c] = np.inf
+    x[6] = np.r_[1e30, -1e30, np.zeros(c - 2)]
+    labels[6], labels[7] = 0, -100
+    target = np.eye(c)[np.clip(labels, 0, None)] * weights
+    target[7] = 0.0
+    with np.errstate(invalid="ignore"):
+        expected, _ = ref.cross_entropy_limit(x, target, np.ones_like(x, bool), z_loss)
+    expected[7] = 0.0  # an ignored example has no loss, z-loss included
+    with np.errstate(over="ignore"):  # row 6's z-loss (1e57) overflows float32
+        expected = expected.astype(np.float32)
+
+    loss = jax.jit(
+        lambda x: int_ce(
+            x,
+            labels,
+            class_weights=weights if weighted else None,
+            ignore_index=-100,
+            z_loss=z_loss,
+        )
+    )(x)
+    jax.clear_caches()
+    loss = np.asarray(loss)
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(loss), np.isposinf(expected))
+    assert loss[1] == 0.0 and loss[7] == 0.0
+    finite = np.isfinite(expected)
+    assert ref.rel_err(loss[finite], expected[finite]) < 1e-5
+    np.testing.assert_allclose(loss[5], expected[5], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "expected"),
+    [
+        ((65536, 1024), jnp.float32, True),  # 256 MiB of short rows
+        ((16384, 1024), jnp.float32, True),  # 64 MiB
+        ((8192, 1024), jnp.float32, False),  # 32 MiB: in an H100's L2 cache
+        ((32768, 1024), jnp.bfloat16, True),
+        ((16384, 2048), jnp.float32, True),
+        ((16384, 4096), jnp.float32, False),  # longer rows: the one kernel is faster
+        ((4, 8192, 1024), jnp.float32, True),
+    ],
+)
+def test_which_integer_label_chain_the_other_backends_take(shape, dtype, expected):
+    from jsoftmax import _cross_entropy
+
+    logits = jax.ShapeDtypeStruct(shape, dtype)
+    assert _cross_entropy._label_pass_first(logits, (len(shape) - 1,)) == expected
