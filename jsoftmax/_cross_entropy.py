@@ -757,6 +757,11 @@ class _IntegerParts(NamedTuple):
     invalid: jax.Array  # out of range and not ignored
 
 
+def _label_coefficient(config: _Config, label_weight):
+    """The target's weight at the label: ``(1 - smoothing) * w_y``."""
+    return (1 - config.label_smoothing) * label_weight
+
+
 def _integer_parts(
     logits, labels, logit_mask, weights, loss_scale, config, backward=False
 ) -> _IntegerParts:
@@ -865,7 +870,7 @@ def _integer_loss_from_stats(
     axes = config.axes
     xm = parts.xm
     log_s_safe = _stable.safe_log_s(log_s)
-    label_coefficient = (1 - config.label_smoothing) * parts.label_weight
+    label_coefficient = _label_coefficient(config, parts.label_weight)
     label_logit = _label_logit(logits, parts.label_index, axes, parts.x.dtype)
     # In halves, doubled last: lse - z_y itself can pass the largest float.
     half_label_term = log_s_safe * 0.5 - _label_half_shifted(label_logit, m)
@@ -892,7 +897,7 @@ def _integer_loss_chain(weights, loss_scale, config, parts):
     smoothing's share (times the class weight) everywhere.
     """
     x = parts.x
-    label_coefficient = (1 - config.label_smoothing) * parts.label_weight
+    label_coefficient = _label_coefficient(config, parts.label_weight)
     is_label = _is_label(x, parts.label_index, config.axes)
     smoothing = _smoothing_parts(parts.xm, None, weights, loss_scale, config)
     if smoothing is None and _label_pass_first(x, config.axes):
@@ -917,7 +922,7 @@ def _integer_bwd(config, residuals, g):
     g = jnp.where(active, g, jnp.zeros_like(g))
     g = jnp.where(invalid, jnp.full_like(g, jnp.nan), g)
 
-    label_coefficient = (1 - config.label_smoothing) * label_weight
+    label_coefficient = _label_coefficient(config, label_weight)
     scale = label_coefficient
     smoothing = _smoothing_parts(xm, logit_mask, weights, loss_scale, config)
     if smoothing is not None:
