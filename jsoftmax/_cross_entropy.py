@@ -435,14 +435,24 @@ def _loss_chain(x, target, axes, z_loss: float, row_scale=None, z_scale=None):
     A z-loss's ``lse`` comes from a second chain of its own (max, sum).
     Returns the per-row loss and ``log_s`` (keepdims).
     """
-    half_x = x * 0.5
-    half_max = _stable.row_max(half_x, axes)
-    half_gap = jnp.where(half_x == jnp.inf, jnp.ones_like(half_x), half_x - half_max)
-    log_s = jnp.log(jnp.sum(jnp.exp(half_gap * 2), axis=axes, keepdims=True))
+    _, half_gap, log_s = _halved_row_stats(x * 0.5, axes)
     loss = 2 * _weighted_sum(target, _stable.safe_log_s(log_s) * 0.5 - half_gap, axes)
     if row_scale is not None:
         loss = loss * row_scale
     return _with_z_loss(loss, x, axes, z_loss, z_scale), log_s
+
+
+def _half_gap(half_x, half_max):
+    """``half_x - half_max``, but 1 for a ``+inf`` entry (``_loss_chain``'s rule)."""
+    return jnp.where(half_x == jnp.inf, jnp.ones_like(half_x), half_x - half_max)
+
+
+def _halved_row_stats(half_x, axes):
+    """A chain's first two reductions over ``half_x = x / 2``: ``(half_max, gaps, log_s)``."""
+    half_max = _stable.row_max(half_x, axes)
+    half_gap = _half_gap(half_x, half_max)
+    log_s = jnp.log(jnp.sum(jnp.exp(half_gap * 2), axis=axes, keepdims=True))
+    return half_max, half_gap, log_s
 
 
 def _with_z_loss(loss, x, axes, z_loss: float, z_scale):
@@ -472,11 +482,9 @@ def _label_loss_chain(x, is_label, label_coefficient, axes, z_loss: float, z_sca
     half_label = jnp.sum(
         jnp.where(is_label, half_x, jnp.zeros_like(half_x)), axis=axes, keepdims=True
     )
-    half_max = _stable.row_max(half_x, axes)
-    half_gap = jnp.where(half_x == jnp.inf, jnp.ones_like(half_x), half_x - half_max)
-    log_s = jnp.log(jnp.sum(jnp.exp(half_gap * 2), axis=axes, keepdims=True))
-    label_gap = jnp.where(half_label == jnp.inf, jnp.ones_like(half_label), half_label - half_max)
-    loss = 2 * _weighted_sum(label_coefficient, _stable.safe_log_s(log_s) * 0.5 - label_gap, axes)
+    half_max, _, log_s = _halved_row_stats(half_x, axes)
+    half_term = _stable.safe_log_s(log_s) * 0.5 - _half_gap(half_label, half_max)
+    loss = 2 * jnp.where(label_coefficient == 0, 0.0, label_coefficient * half_term)
     return _with_z_loss(loss, x, axes, z_loss, z_scale), log_s
 
 

@@ -58,8 +58,8 @@ the scalar-loss sweep XLA:CPU keeps a second tile-sized buffer (64.5 MiB there).
 matmuls), so they need about ``2 * D * C * 4`` bytes more.
 On a GPU (measured on an H100, jax 0.11.2) it holds 72.5 MiB at the default
 chunk (1/7.1 of optax's): the tile, the 32 MiB workspace XLA gives each cuBLAS
-call on Hopper, and the split-K partials of the ``dx`` matmul; at 1.75x optax's
-time (larger chunks trade memory for time: 512 rows, 1/4 and 1.43x). See
+call on Hopper, and the split-K partials of the ``dx`` matmul; at 1.7x optax's
+time (larger chunks trade memory for time: 512 rows, 1/4 and 1.42x). See
 ``benchmarks/RESULTS.md``.
 """
 
